@@ -1,0 +1,311 @@
+"""The MOP driver: one Spark application, W long-lived barrier workers, models hopping between them.
+
+    driver (this module)                       Spark barrier stage of W tasks (mop/worker.py)
+    HopScheduler.assign() ──push unit──────▶   worker p: owns partition p, runs the unit,
+    journal + scheduler   ◀──push result───     writes ckpt-<step+1> into the run store
+
+Fault tolerance: a worker that dies loses at most its running unit, which goes back to the
+scheduler and is re-run from the model's last checkpoint once a worker for that partition is back
+(Spark retries the barrier stage; when Spark gives up, the driver submits the stage again). A
+driver that dies is resumed by running again with the same run URL: the journal says which units
+are done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+from cerebro_tasks.mop.control import ControlServer, Message
+from cerebro_tasks.mop.journal import Journal, histories
+from cerebro_tasks.mop.scheduler import HopScheduler, Unit
+from cerebro_tasks.mop.timeline import timeline_figures
+from cerebro_tasks.mop.worker import barrier_task
+from cerebro_tasks.mop.workload import ModelSpec, Workload
+from cerebro_tasks.store import Store
+
+log = logging.getLogger("cerebro_tasks.mop")
+
+# Called when a model has finished all its units: (model_id, its history) -> more models to train
+# (how TPE learns from finished models while workers stay busy).
+ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | None"]
+
+
+class MopError(RuntimeError):
+    pass
+
+
+@dataclass
+class MopResult:
+    run_url: str
+    specs: dict[str, ModelSpec]
+    histories: dict[str, dict[str, list[float]]]
+    records: list[dict[str, Any]]
+    workers: list[dict[str, Any]]
+    figures: dict[str, Any]
+    wall_s: float
+    units_run: int  # units run by this driver (not replayed from the journal)
+    failed_models: list[str] = field(default_factory=list)
+
+
+class MopDriver:
+    """Trains every added model with MOP over `num_workers` partitions; `run()` blocks until done."""
+
+    def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
+                 max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True) -> None:
+        self.spark = spark
+        self.workload = workload
+        self.store = Store(run_url)
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_job_attempts = max_job_attempts
+        self.start_timeout_s = start_timeout_s
+        self.journal = Journal(self.store)
+        self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
+        self.specs: dict[str, ModelSpec] = {}
+        self._conns: dict[str, Connection] = {}
+        self._running: dict[str, Unit] = {}
+        self._worker_info: dict[str, dict[str, Any]] = {}
+        self._joined = 0
+        self._units_run = 0
+        self._records: list[dict[str, Any]] = []
+        self._completed_models: set[str] = set()
+        self._t0 = time.time()
+        self._last_idle: str | None = None
+
+    # building the search ---------------------------------------------------------------------------
+    def add(self, spec: ModelSpec) -> None:
+        if spec.model_id in self.specs:
+            raise MopError(f"model id {spec.model_id!r} added twice")
+        self.specs[spec.model_id] = spec
+        self.scheduler.add_model(spec.model_id, spec.num_epochs)
+        self._save_run_spec()
+
+    def _save_run_spec(self) -> None:
+        self.store.write_json({"num_workers": self.num_workers, "seed": self.seed,
+                               "models": [asdict(s) for s in self.specs.values()]}, "run.json")
+
+    def resume(self) -> int:
+        """Replay the journal of an earlier attempt of this run; returns the units found done."""
+        if not self.store.exists("run.json"):
+            return 0
+        saved = self.store.read_json("run.json")
+        if saved["num_workers"] != self.num_workers:
+            raise MopError(f"{self.store.url}/run.json: the run was started with num_workers="
+                           f"{saved['num_workers']}, this attempt has {self.num_workers}; partitions differ, "
+                           "so it cannot resume: use the same number of workers or a new run id")
+        for s in saved["models"]:
+            if s["model_id"] not in self.specs:
+                self.add(ModelSpec(**s))
+        self._records = self.journal.records()
+        for r in self._records:
+            unit = Journal.unit_of(r)
+            if unit.model_id in self.specs:
+                self.scheduler.restore_finished(unit)
+        if self._records:
+            log.info("resuming %s: %d units already done (journal)", self.store.url, len(self._records))
+        return len(self._records)
+
+    # running -------------------------------------------------------------------------------------
+    def run(self, on_model_done: ModelDoneCallback | None = None) -> MopResult:
+        server = ControlServer()
+        attempts = 0
+        job: _BarrierJob | None = None
+        self._t0 = time.time()
+        self._notify_already_complete(on_model_done)
+        try:
+            while not self.scheduler.done:
+                if job is None or (job.finished and not self._conns):
+                    if job is not None:
+                        log.warning("worker stage ended before the search finished (%s); resubmitting",
+                                    job.error or "no error")
+                    attempts += 1
+                    if attempts > self.max_job_attempts:
+                        raise MopError(f"the Spark worker stage failed {self.max_job_attempts} times; "
+                                       f"last error: {job.error if job else None}")
+                    job = _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of())
+                    job_started = time.time()
+                self._accept_joined(server)
+                if not self._conns and time.time() - job_started > self.start_timeout_s:
+                    raise MopError(f"no MOP worker connected within {self.start_timeout_s:.0f} s; does the cluster "
+                                   f"have {self.num_workers} free task slots (a barrier stage needs all at once)?")
+                self._dispatch()
+                self._explain_idle()
+                self._receive(timeout=0.5, on_model_done=on_model_done)
+            for conn in self._conns.values():
+                _send_quietly(conn, Message.stop())
+            if job is not None:
+                job.join(timeout=120)
+        finally:
+            for conn in self._conns.values():
+                conn.close()
+            server.close()
+        return self._result()
+
+    def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
+        # models completed before a resume still count for a search that learns from results (TPE)
+        hist = histories(self._records, self.num_workers)
+        for model_id in list(self.specs):
+            if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
+                self._model_complete(model_id, hist.get(model_id, {}), on_model_done)
+
+    def _accept_joined(self, server: ControlServer) -> None:
+        while not server.joined.empty():
+            conn, hello = server.joined.get()
+            partition = hello.payload["partition"]
+            self._joined += 1
+            worker_id = f"p{partition}.{self._joined}"
+            self._conns[worker_id] = conn
+            self._worker_info[worker_id] = {"partition": partition, **hello.payload["info"]}
+            self.scheduler.worker_joined(worker_id, partition)
+            log.info("worker %s joined: partition %d on %s (GPUs %s)", worker_id, partition,
+                     hello.payload["info"].get("host"), hello.payload["info"].get("gpu_addresses") or "none")
+
+    def _explain_idle(self) -> None:
+        idle = self.scheduler.explain_idle() if self._conns else None
+        if idle != self._last_idle:
+            # fewer models than workers is worth a warning; transient idling while models hop is not
+            level = logging.WARNING if len(self.specs) < self.num_workers else logging.DEBUG
+            if idle:
+                log.log(level, "%s", idle)
+            self._last_idle = idle
+
+    def _dispatch(self) -> None:
+        for worker_id, unit in self.scheduler.assign():
+            self._running[worker_id] = unit
+            if not _send_quietly(self._conns[worker_id], Message.unit(unit, self.specs[unit.model_id])):
+                self._lose_worker(worker_id)
+
+    def _receive(self, timeout: float, on_model_done: ModelDoneCallback | None) -> None:
+        if not self._conns:
+            time.sleep(timeout)
+            return
+        by_conn = {id(c): w for w, c in self._conns.items()}
+        for conn in wait(list(self._conns.values()), timeout=timeout):
+            worker_id = by_conn[id(conn)]
+            try:
+                msg: Message = conn.recv()
+            except (EOFError, OSError):
+                self._lose_worker(worker_id)
+                continue
+            unit = msg.payload["unit"]
+            self._running.pop(worker_id, None)
+            if msg.kind == "done":
+                self._unit_done(worker_id, unit, msg.payload["result"], on_model_done)
+            elif msg.kind == "failed":
+                log.error("unit %s failed on %s:\n%s", unit, worker_id, msg.payload["error"])
+                self.scheduler.unit_failed(worker_id, unit)
+                self._check_model(unit.model_id, on_model_done)
+
+    def _unit_done(self, worker_id: str, unit: Unit, result: dict[str, Any],
+                   on_model_done: ModelDoneCallback | None) -> None:
+        result = {**result, "worker_id": worker_id, "partition": unit.partition}
+        self.journal.record(unit, result)  # journal first: a unit is done once it is on record
+        self._records.append({"unit": asdict(unit), **result})
+        self._units_run += 1
+        self.scheduler.unit_finished(worker_id, unit, duration=result["end"] - result["start"])
+        self._log_progress(unit, result)
+        self._check_model(unit.model_id, on_model_done)
+
+    def _check_model(self, model_id: str, on_model_done: ModelDoneCallback | None) -> None:
+        if model_id in self._completed_models:
+            return
+        if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
+            history = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
+                                self.num_workers).get(model_id, {})
+            self._model_complete(model_id, history, on_model_done)
+
+    def _model_complete(self, model_id: str, history: dict[str, list[float]],
+                        on_model_done: ModelDoneCallback | None) -> None:
+        if model_id in self._completed_models:
+            return
+        self._completed_models.add(model_id)
+        if on_model_done is not None:
+            for spec in on_model_done(model_id, history) or []:
+                self.add(spec)
+
+    def _lose_worker(self, worker_id: str) -> None:
+        conn = self._conns.pop(worker_id, None)
+        if conn is not None:
+            conn.close()
+        self._running.pop(worker_id, None)
+        lost = self.scheduler.worker_left(worker_id)
+        log.warning("worker %s left%s", worker_id, f"; unit {lost} will run again" if lost else "")
+
+    def _log_progress(self, unit: Unit, result: dict[str, Any]) -> None:
+        p = self.scheduler.progress()
+        elapsed = max(time.time() - self._t0, 1e-9)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items()))
+        log.info("[%s] %s epoch %d %s p%d in %.1fs (%s) | models %d/%d, units %d/%d, %.1f units/min",
+                 time.strftime("%H:%M:%S"), unit.model_id, unit.epoch + 1, unit.kind, unit.partition,
+                 result["end"] - result["start"], metrics, p["models_done"], p["models_total"],
+                 p["units_done"], p["units_total"], 60.0 * self._units_run / elapsed)
+
+    def _result(self) -> MopResult:
+        hist = histories(self._records, self.num_workers)
+        figures = timeline_figures(self._records, self.num_workers)
+        self.store.write_json(hist, "history.json")
+        self.store.write_json({"records": self._records, "figures": figures}, "timeline.json")
+        failed = [m for m in self.specs if self.scheduler.model_status(m).state == "failed"]
+        return MopResult(run_url=self.store.url, specs=dict(self.specs), histories=hist, records=list(self._records),
+                         workers=list(self._worker_info.values()), figures=figures, wall_s=time.time() - self._t0,
+                         units_run=self._units_run, failed_models=failed)
+
+
+class _BarrierJob:
+    """The Spark job holding the W worker tasks, run in a thread so the driver loop stays free."""
+
+    def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str) -> None:
+        self.error: str | None = None
+        self.summaries: list[dict[str, Any]] = []
+        self._done = threading.Event()
+        sc = spark.sparkContext
+        fn = barrier_task(server.address, server.secret, workload, run_url)
+
+        def target() -> None:
+            try:
+                sc.setJobDescription(f"MOP workers ({num_workers})")
+                self.summaries = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(fn).collect()
+            except Exception as e:  # reported to the driver loop, which decides to resubmit or fail
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=target, name="mop-barrier-job", daemon=True)
+        self._thread.start()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _send_quietly(conn: Connection, msg: Message) -> bool:
+    try:
+        conn.send(msg)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def run_mop(spark: Any, workload: Workload, specs: list[ModelSpec], run_url: str, *, num_workers: int, seed: int = 0,
+            resume: bool = True, on_model_done: ModelDoneCallback | None = None, **kwargs: Any) -> MopResult:
+    """Train `specs` with MOP; with `resume`, continue a run found at `run_url`."""
+    driver = MopDriver(spark, workload, run_url, num_workers=num_workers, seed=seed, **kwargs)
+    if resume:
+        driver.resume()
+    for spec in specs:
+        if spec.model_id not in driver.specs:
+            driver.add(spec)
+    return driver.run(on_model_done)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,49 @@
+"""What the MOP engine needs to know about a workload: how to read a partition and build a model.
+
+The engine itself knows nothing of DeepPostures or of Cerebro's estimator API; both provide a
+`Workload`. A workload is pickled once into the Spark job and unpickled on every worker, so it
+holds only small, picklable things (URLs, parameters, functions), never data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One candidate of the search: an id, its hyperparameters and its own seed."""
+
+    model_id: str
+    params: dict[str, Any]
+    num_epochs: int
+    seed: int = 0
+
+
+@dataclass
+class UnitInputs:
+    """What `Workload.inputs` hands to Keras: arrays or a tf.data.Dataset, and the sample count."""
+
+    x: Any
+    y: Any = None
+    sample_weight: Any = None
+    num_samples: int = 0
+    batch_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Workload(Protocol):
+    """The one interface between the MOP engine and a training problem."""
+
+    def load_partition(self, kind: str, partition: int) -> Any:
+        """Read partition `partition` of `kind` ("train" or "val") once; the worker caches it."""
+
+    def build_model(self, spec: ModelSpec) -> Any:
+        """A compiled Keras model with fresh weights for `spec` (the engine seeds before calling)."""
+
+    def inputs(self, data: Any, spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
+        """Model inputs for one unit over a loaded partition; `seed` orders the shuffle."""
+
+    def custom_objects(self) -> dict[str, Any]:
+        """Objects Keras needs to load a checkpoint of this workload's models."""

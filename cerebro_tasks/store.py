@@ -1,0 +1,146 @@
+"""Where things live: local folders or any pyarrow filesystem URL (file://, hdfs://), with atomic publish.
+
+Every writer in the project goes through `Store` so that nothing half-written is ever visible: a file
+is written under a temporary name in the same folder and then renamed, which is atomic on POSIX
+filesystems and on HDFS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+
+def _split_url(url: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it; a plain path means the local filesystem."""
+    if "://" not in url:
+        return pafs.LocalFileSystem(), os.path.abspath(url)
+    fs, path = pafs.FileSystem.from_uri(url)
+    return fs, path
+
+
+class Store:
+    """A folder tree on some filesystem, addressed by relative POSIX paths."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.root = _split_url(url)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __reduce__(self):  # pyarrow filesystems pickle, but the URL alone rebuilds everything
+        return (Store, (self.url,))
+
+    # paths ---------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a relative location (what pyarrow and, when local, os take)."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def url_of(self, *parts: str) -> str:
+        """A URL for the location that Spark, Petastorm and pyarrow all accept."""
+        if self.is_local:
+            return "file://" + self.path(*parts)
+        base = self.url.rstrip("/")
+        return "/".join([base, *parts]) if parts else base
+
+    def sub(self, *parts: str) -> "Store":
+        return Store(self.url_of(*parts) if not self.is_local else self.path(*parts))
+
+    # queries -------------------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names in a folder (empty when the folder does not exist), sorted."""
+        sel = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    # reading -------------------------------------------------------------------------------------
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    # writing (always atomic) ---------------------------------------------------------------------
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a whole file atomically: a temporary sibling, then a rename."""
+        final = self.path(*parts)
+        self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode(), *parts)
+
+    def put_file(self, local_path: str, *parts: str) -> None:
+        """Copy a local file into the store atomically."""
+        final = self.path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(final))
+            os.close(fd)
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, final)
+            return
+        with open(local_path, "rb") as f:
+            self.write_bytes(f.read(), *parts)
+
+    def put_tree(self, local_dir: str, *parts: str) -> None:
+        """Publish a local folder as `parts` atomically: copy beside it, then rename over it."""
+        final = self.path(*parts)
+        parent = posixpath.dirname(final)
+        self.fs.create_dir(parent, recursive=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        if self.exists(*parts):
+            old = posixpath.join(parent, f".old-{uuid.uuid4().hex}")
+            self.fs.move(final, old)
+            self.fs.move(tmp, final)
+            self.fs.delete_dir(old)
+        else:
+            self.fs.move(tmp, final)
+
+    @contextmanager
+    def local_copy(self, *parts: str) -> Iterator[str]:
+        """A local path holding the file's content (the file itself when the store is local)."""
+        if self.is_local:
+            yield self.path(*parts)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            local = os.path.join(d, posixpath.basename(self.path(*parts)))
+            with open(local, "wb") as f:
+                f.write(self.read_bytes(*parts))
+            yield local
+
+    def delete(self, *parts: str) -> None:
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(*parts))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(*parts))
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays appear in metrics; JSON wants plain numbers
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
