@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine (Debian, Python 3.11, Java 17):
+#   make demo   set up .venv if needed, then run the whole DAG on generated data
+#   make test   set up .venv if needed, then run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cerebro-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test test-fast bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@scripts/check-java
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" 2>&1 | grep -v "^WARNING: Location" || true
+	@start=$$(date +%s); \
+	  $(PY) -m pip install --quiet -r requirements.txt -c constraints.txt 2>&1 | grep -v "^WARNING: Location"; \
+	  $(PY) -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location"; \
+	  $(PY) -m pip check >/dev/null || { $(PY) -m pip check; exit 1; }; \
+	  echo "installed the pinned stack into $(VENV) in $$(( $$(date +%s) - start )) s"
+	@touch $@
+
+demo: setup
+	@scripts/demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-demo:
+	rm -rf .demo

@@ -1,0 +1,110 @@
+"""The training run's configuration: typed, validated once, serialisable to JSON.
+
+Airflow Params, the CLI and config files all end up here; an error names the field, what was
+expected and what was given, before any Spark job starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from cerebro_tasks.tune.space import parse_space
+
+SEARCH_KINDS = ("grid", "random", "tpe")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing or wrong; the message names it."""
+
+
+@dataclass
+class SearchConfig:
+    space: dict[str, Any]
+    kind: str = "grid"
+    num_models: int | None = None  # random / tpe: how many configurations to train
+    num_epochs: int = 10
+    seed: int = 2019
+    metric: str = "val_loss"
+    parallelism: int | None = None  # tpe: configurations proposed at a time (default: workers)
+
+    def validate(self) -> None:
+        _check(self.kind in SEARCH_KINDS, "search.kind", f"one of {SEARCH_KINDS}", self.kind)
+        try:
+            parse_space(self.space)
+        except ValueError as e:
+            raise ConfigError(f"search.space: {e}") from None
+        _check(isinstance(self.num_epochs, int) and self.num_epochs >= 1, "search.num_epochs", "an integer >= 1",
+               self.num_epochs)
+        if self.kind != "grid":
+            _check(isinstance(self.num_models, int) and self.num_models >= 1, "search.num_models",
+                   f"an integer >= 1 for a {self.kind} search", self.num_models)
+        _check(isinstance(self.seed, int), "search.seed", "an integer", self.seed)
+        _check(isinstance(self.metric, str) and self.metric.startswith(("val_", "train_")), "search.metric",
+               "a history key such as val_loss or val_balanced_accuracy", self.metric)
+
+
+@dataclass
+class TrainConfig:
+    prepared_url: str
+    store_url: str
+    run_id: str
+    search: SearchConfig
+    num_workers: int = 2
+    batch_size: int = 16
+    max_job_attempts: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_url(self) -> str:
+        return f"{self.store_url.rstrip('/')}/runs/{self.run_id}"
+
+    def validate(self) -> "TrainConfig":
+        _check(bool(self.prepared_url), "prepared_url", "the prepared split's location", self.prepared_url)
+        _check(bool(self.store_url), "store_url", "a folder or URL for runs", self.store_url)
+        _check(isinstance(self.run_id, str) and bool(_SAFE_ID.match(self.run_id)), "run_id",
+               "letters, digits and _.+:- (safe as a folder name)", self.run_id)
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "num_workers", "an integer >= 1",
+               self.num_workers)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1",
+               self.batch_size)
+        self.search.validate()
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        search = d.get("search")
+        if not isinstance(search, dict):
+            raise ConfigError(f"search: expected an object with at least 'space', got {search!r}")
+        sknown = {f.name for f in fields(SearchConfig)}
+        if set(search) - sknown:
+            raise ConfigError(f"unknown search field(s) {sorted(set(search) - sknown)}; expected some of {sorted(sknown)}")
+        if "space" not in search:
+            raise ConfigError("search.space: missing (an object of parameter -> choices)")
+        missing = [k for k in ("prepared_url", "store_url", "run_id") if k not in d]
+        if missing:
+            raise ConfigError(f"missing configuration field(s) {missing}")
+        return cls(**{**d, "search": SearchConfig(**search)}).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"configuration is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _check(ok: bool, name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {got!r}")

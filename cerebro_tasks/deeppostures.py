@@ -1,0 +1,88 @@
+"""The DeepPostures (CHAP) workload for the MOP engine: prepared partitions in, CNN-BiLSTMs out.
+
+A worker reads its partition's windows once; the sequences for a window length T are built on
+first use and cached, because every model with the same `window_minutes` shares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cerebro_tasks.data.sequences import build_training_sequences, sample_weights
+from cerebro_tasks.mop.workload import ModelSpec, UnitInputs
+
+# The published search (shared/reference/deeppostures.md): 16 configurations, 10 epochs, batch 128.
+PUBLISHED_SPACE: dict[str, list[Any]] = {
+    "learning_rate": [1e-3, 1e-4],
+    "l2": [1e-3, 1e-4],
+    "amp_factor": [2, 4],
+    "window_minutes": [7, 9],
+}
+PUBLISHED_EPOCHS = 10
+PUBLISHED_BATCH_SIZE = 128
+
+PARAM_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-4, "l2": 0.0, "amp_factor": 1, "window_minutes": 7}
+
+
+def model_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A configuration completed with the reference defaults (what the model is built from)."""
+    unknown = set(params) - set(PARAM_DEFAULTS) - {"batch_size"}
+    if unknown:
+        raise ValueError(f"unknown DeepPostures hyperparameter(s) {sorted(unknown)}; "
+                         f"expected some of {sorted(PARAM_DEFAULTS)} or batch_size")
+    return {**PARAM_DEFAULTS, **params}
+
+
+def build_model(params: dict[str, Any], seed: int | None = None) -> Any:
+    from cerebro_tasks.models.cnn_bilstm import build_cnn_bilstm, window_size_for
+
+    p = model_params(params)
+    return build_cnn_bilstm(window_size=window_size_for(p["window_minutes"]), amp_factor=float(p["amp_factor"]),
+                            l2=float(p["l2"]), learning_rate=float(p["learning_rate"]), seed=seed)
+
+
+def custom_objects() -> dict[str, Any]:
+    from cerebro_tasks.models.cnn_bilstm import CUSTOM_OBJECTS
+
+    return dict(CUSTOM_OBJECTS)
+
+
+@dataclass(frozen=True)
+class DeepPosturesWorkload:
+    """Reads `<prepared>/<kind>/part-<p>`; `class_weight` balances sitting vs not-sitting."""
+
+    prepared_url: str
+    batch_size: int = 16
+    class_weight: tuple[tuple[int, float], ...] = ((0, 1.0), (1, 1.0))
+
+    def load_partition(self, kind: str, partition: int) -> dict[str, Any]:
+        from cerebro_tasks.data.petastorm_io import read_windows
+        from cerebro_tasks.data.split import partition_url
+
+        table = read_windows(partition_url(self.prepared_url, kind, partition))
+        return {"table": table, "sequences": {}}
+
+    def build_model(self, spec: ModelSpec) -> Any:
+        return build_model(spec.params, seed=spec.seed)
+
+    def inputs(self, data: dict[str, Any], spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
+        from cerebro_tasks.models.cnn_bilstm import window_size_for
+
+        p = model_params(spec.params)
+        t = window_size_for(p["window_minutes"])
+        if t not in data["sequences"]:
+            x, y = build_training_sequences(data["table"], t)
+            data["sequences"][t] = (x, y, sample_weights(y, dict(self.class_weight)))
+        x, y, w = data["sequences"][t]
+        if training and len(y):
+            # a fresh permuted copy per sub-epoch: cheap next to training on it
+            order = np.random.default_rng(seed).permutation(len(y))
+            x, y, w = x[order], y[order], w[order]
+        return UnitInputs(x=x, y=y, sample_weight=w, num_samples=len(y),
+                          batch_size=int(p.get("batch_size", self.batch_size)))
+
+    def custom_objects(self) -> dict[str, Any]:
+        return custom_objects()

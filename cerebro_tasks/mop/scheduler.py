@@ -1,0 +1,845 @@
+"""The pure, event-driven hop scheduler of Model Hopper Parallelism (MOP).
+
+The Spark runtime owns the workers and the clock; this module owns only the decision of which
+unit runs where. The runtime reports events (``worker_joined``, ``worker_left``,
+``unit_finished``, ``unit_failed``, ``add_model``, ``stop_model``) and then calls ``assign()``,
+which returns the units to dispatch to idle workers. Standard library only, no I/O, no clock:
+the same seed and the same event sequence give the same assignments, and ``state_dict()`` /
+``from_state_dict()`` round-trip everything, including the RNG.
+
+Units (see docs/design.md, "The MOP contract"):
+
+* ``train`` unit: model ``m`` trains one sub-epoch on partition ``p``. It reads ``ckpt-<step>``
+  and writes ``ckpt-<step+1>``, where ``step`` is the number of train units of ``m`` finished
+  before it. Within an epoch a model visits every partition exactly once, in any order, and a
+  model never runs two train units at once (its SGD stays sequential).
+* ``val`` unit: model ``m`` is evaluated on validation partition ``p`` with the immutable
+  checkpoint ``ckpt-<(e+1)*P>`` of epoch ``e``. The ``P`` val units of epoch ``e`` become runnable
+  once epoch ``e``'s ``P`` train units are done; they may run on several workers at once and
+  beside the training of epoch ``e+1``.
+* Partition ``p`` (train and val) lives on exactly one worker; its units run only there and wait
+  while no worker owns ``p``.
+
+Each model advances on its own: there is no barrier between epochs or between training and
+validation.
+
+Policies (``policy=``):
+
+* ``"critical"`` (default): longest remaining work first. Among idle models that still need a
+  free partition, the model with the most remaining training work (remaining train units times
+  its observed mean unit time, plus one val unit) goes first; before any duration is observed
+  this is the remaining unit count. Work-conserving list scheduling that starts the longest
+  chains first keeps the makespan near max(total work / W, longest chain); starting an expensive
+  model late is what stretches the makespan of uniform random choice. Val units never extend a
+  model's training chain, so by default they are *filler*: a worker runs one only when no train
+  unit is runnable on its partition (oldest epoch first). Because each model-epoch has exactly one
+  val unit per partition, the filler is spread evenly over the workers and soaks up the gaps
+  that the "one worker per model" rule creates. ``eager_validation=True`` flips this (val before
+  train) when fresh validation metrics matter more than makespan, e.g. for aggressive early
+  stopping. Ties are broken with the seeded RNG.
+* ``"random"``: the original Cerebro rule: an idle worker takes a uniformly random runnable unit
+  (train or val) of its partition.
+
+Affinity (``affinity=True``): at an epoch boundary the worker that just ran a model's last
+sub-epoch still holds that model in memory; if that model is the next one placed and it may run
+there, it stays, which saves one checkpoint load. It never changes *which* models run, only
+where, and it only applies when it costs no priority (the model would be placed now anyway).
+
+Failures: ``worker_left`` puts the running unit back without charging a retry (losing a worker
+is not the unit's fault). ``unit_failed`` charges one retry to that unit; after
+``max_unit_retries`` retries the *model* is marked ``"failed"`` (its pending units are dropped
+and it counts as done) instead of raising, so one diverging or out-of-memory configuration does
+not abort the whole model selection.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["HopScheduler", "ModelStatus", "SchedulerError", "Unit", "POLICIES"]
+
+POLICIES = ("critical", "random")
+
+# Model states. "pending": added, nothing dispatched yet; "running": some unit dispatched;
+# terminal ones: "done", "stopped", "failed".
+_TERMINAL = ("done", "stopped", "failed")
+
+_STATE_VERSION = 1
+PROTECT_K = 3
+PROTECT_THETA = 1.0
+
+
+class SchedulerError(ValueError):
+    """An event that contradicts the scheduler's state (a runtime bug or a stale report)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of MOP work; see the module docstring for ``step``."""
+
+    model_id: str
+    epoch: int  # 0-based
+    kind: str  # "train" or "val"
+    partition: int  # 0..P-1; partition p is owned by exactly one worker
+    step: int  # checkpoint read: train reads ckpt-<step> (writes step+1); val of e reads (e+1)*P
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Unit:
+        return cls(d["model_id"], int(d["epoch"]), d["kind"], int(d["partition"]), int(d["step"]))
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A read-only view of one model, for logs, UIs and early-stopping logic."""
+
+    model_id: str
+    state: str  # "pending" | "running" | "done" | "stopped" | "failed"
+    num_epochs: int
+    epochs_trained: int  # epochs whose P train units are all finished
+    step: int  # train units finished (= the newest checkpoint written)
+    validated_epochs: tuple[int, ...]  # epochs whose P val units are all finished
+    running: tuple[tuple[str, Unit], ...]  # (worker_id, unit) in flight
+    retries: int  # unit_failed events charged to this model
+    mean_train_s: float | None  # observed mean train unit duration
+    mean_val_s: float | None
+
+
+@dataclass
+class _Model:
+    """Mutable per-model bookkeeping (internal)."""
+
+    model_id: str
+    num_epochs: int
+    order: int  # insertion order: a stable, deterministic tie-break before the RNG
+    state: str = "pending"
+    epoch: int = 0  # current training epoch; == num_epochs when training is complete
+    visited: set[int] = field(default_factory=set)  # partitions trained in the current epoch
+    train_worker: str | None = None
+    val_todo: dict[int, set[int]] = field(default_factory=dict)  # epoch -> partitions not started
+    val_running: dict[tuple[int, int], str] = field(default_factory=dict)  # (epoch, p) -> worker
+    val_finished: dict[int, int] = field(default_factory=dict)  # epoch -> val units finished
+    retries: dict[str, int] = field(default_factory=dict)  # "kind:epoch:partition" -> count
+    train_sum: float = 0.0
+    train_n: int = 0
+    val_sum: float = 0.0
+    val_n: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in _TERMINAL
+
+    def step(self, num_partitions: int) -> int:
+        return self.epoch * num_partitions + len(self.visited)
+
+    def remaining_train(self, num_partitions: int) -> int:
+        return max(0, (self.num_epochs - self.epoch) * num_partitions - len(self.visited))
+
+    def n_running(self) -> int:
+        return (self.train_worker is not None) + len(self.val_running)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "num_epochs": self.num_epochs,
+            "order": self.order,
+            "state": self.state,
+            "epoch": self.epoch,
+            "visited": sorted(self.visited),
+            "train_worker": self.train_worker,
+            "val_todo": [[e, sorted(ps)] for e, ps in self.val_todo.items()],
+            "val_running": [[e, p, w] for (e, p), w in self.val_running.items()],
+            "val_finished": [[e, n] for e, n in self.val_finished.items()],
+            "retries": dict(self.retries),
+            "train_sum": self.train_sum,
+            "train_n": self.train_n,
+            "val_sum": self.val_sum,
+            "val_n": self.val_n,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _Model:
+        return cls(
+            model_id=d["model_id"],
+            num_epochs=int(d["num_epochs"]),
+            order=int(d["order"]),
+            state=d["state"],
+            epoch=int(d["epoch"]),
+            visited=set(d["visited"]),
+            train_worker=d["train_worker"],
+            val_todo={int(e): set(ps) for e, ps in d["val_todo"]},
+            val_running={(int(e), int(p)): w for e, p, w in d["val_running"]},
+            val_finished={int(e): int(n) for e, n in d["val_finished"]},
+            retries={k: int(v) for k, v in d["retries"].items()},
+            train_sum=float(d["train_sum"]),
+            train_n=int(d["train_n"]),
+            val_sum=float(d["val_sum"]),
+            val_n=int(d["val_n"]),
+        )
+
+
+def _retry_key(unit: Unit) -> str:
+    return f"{unit.kind}:{unit.epoch}:{unit.partition}"
+
+
+class HopScheduler:
+    """Decides which (model, partition) unit each idle worker runs next; see the module docstring.
+
+    Typical driver loop::
+
+        s = HopScheduler(P, seed=run_seed)
+        for m in models: s.add_model(m.id, num_epochs)
+        for w in workers: s.worker_joined(w.id, w.partition)
+        while not s.done:
+            for worker_id, unit in s.assign(): dispatch(worker_id, unit)
+            if (msg := s.explain_idle()): log(msg)
+            event = wait_for_event()   # -> s.unit_finished(...), s.worker_left(...), ...
+    """
+
+    def __init__(
+        self,
+        num_partitions: int,
+        *,
+        seed: int = 0,
+        validate: bool = True,
+        policy: str = "critical",
+        affinity: bool = True,
+        eager_validation: bool = False,
+        max_unit_retries: int = 2,
+    ) -> None:
+        if num_partitions < 1:
+            raise SchedulerError(f"num_partitions must be >= 1, got {num_partitions}")
+        if policy not in POLICIES:
+            raise SchedulerError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        if max_unit_retries < 0:
+            raise SchedulerError("max_unit_retries must be >= 0")
+        self.num_partitions = int(num_partitions)
+        self.seed = int(seed)
+        self.validate = bool(validate)
+        self.policy = policy
+        self.affinity = bool(affinity)
+        self.eager_validation = bool(eager_validation)
+        self.max_unit_retries = int(max_unit_retries)
+        self._rng = random.Random(self.seed)
+        self._models: dict[str, _Model] = {}
+        self._workers: dict[str, int] = {}  # live worker -> partition
+        self._owner: dict[int, str] = {}  # partition -> live worker
+        self._running: dict[str, Unit] = {}  # worker -> unit in flight
+        self._held: dict[str, str] = {}  # worker -> model whose weights it holds in memory
+        # Run-wide duration sums: the estimate for models not yet observed.
+        self._train_sum = 0.0
+        self._train_n = 0
+        self._val_sum = 0.0
+        self._val_n = 0
+        self.affinity_hits = 0  # dispatches that reused in-memory weights (saved ckpt loads)
+
+    # ------------------------------------------------------------------ models
+    def add_model(self, model_id: str, num_epochs: int) -> None:
+        """Add a model to train for ``num_epochs`` epochs; allowed at any time, also mid-run."""
+        if model_id in self._models:
+            raise SchedulerError(f"model {model_id!r} was already added")
+        if int(num_epochs) < 1:
+            raise SchedulerError(f"num_epochs must be >= 1, got {num_epochs}")
+        self._models[model_id] = _Model(model_id, int(num_epochs), order=len(self._models))
+
+    def stop_model(self, model_id: str) -> None:
+        """Early-stop a model: its pending units are dropped and it counts as done at once.
+
+        Units already running may finish (``unit_finished`` is accepted and recorded) but nothing
+        new is dispatched. Stopping a model that is already terminal is a no-op.
+        """
+        m = self._model(model_id)
+        if m.terminal:
+            return
+        m.state = "stopped"
+        m.val_todo.clear()
+
+    # ----------------------------------------------------------------- workers
+    def worker_joined(self, worker_id: str, partition: int) -> None:
+        """The worker owning ``partition`` is (again) available.
+
+        A worker id that re-joins while it still has a unit in flight is treated as restarted:
+        that unit goes back to pending first (as by ``worker_left``).
+        """
+        if not 0 <= partition < self.num_partitions:
+            raise SchedulerError(f"partition {partition} out of range 0..{self.num_partitions - 1}")
+        if worker_id in self._workers:
+            if self._workers[worker_id] != partition:
+                raise SchedulerError(
+                    f"worker {worker_id!r} owns partition {self._workers[worker_id]}, "
+                    f"cannot re-join as owner of {partition}")
+            self.worker_left(worker_id)
+        owner = self._owner.get(partition)
+        if owner is not None:
+            raise SchedulerError(
+                f"partition {partition} is already owned by live worker {owner!r}; "
+                f"report worker_left({owner!r}) before {worker_id!r} takes it over")
+        self._workers[worker_id] = partition
+        self._owner[partition] = worker_id
+
+    def worker_left(self, worker_id: str) -> Unit | None:
+        """The worker is gone. Returns its running unit, which goes back to pending.
+
+        Returns None when it ran nothing, or when the unit's model is stopped or failed (then the
+        unit is simply dropped). No retry is charged. Its partition's units wait for a new owner.
+        """
+        if worker_id not in self._workers:
+            raise SchedulerError(f"unknown worker {worker_id!r}")
+        partition = self._workers.pop(worker_id)
+        del self._owner[partition]
+        self._held.pop(worker_id, None)
+        unit = self._running.pop(worker_id, None)
+        if unit is None:
+            return None
+        m = self._models[unit.model_id]
+        self._release(m, unit)
+        if m.terminal:
+            self._maybe_finish(m)
+            return None
+        self._requeue(m, unit)
+        return unit
+
+    # -------------------------------------------------------------- unit events
+    def unit_finished(self, worker_id: str, unit: Unit, duration: float | None = None) -> None:
+        """``worker_id`` finished ``unit``; ``duration`` (seconds, optional) feeds the policy."""
+        self._take_running(worker_id, unit)
+        m = self._models[unit.model_id]
+        self._release(m, unit)
+        if duration is not None and duration >= 0:
+            self._observe(m, unit.kind, float(duration))
+        self._complete(m, unit)
+        if unit.kind == "train":
+            self._held[worker_id] = m.model_id
+
+    def unit_failed(self, worker_id: str, unit: Unit) -> bool:
+        """``unit`` failed on ``worker_id``; it goes back to pending and one retry is charged.
+
+        Returns True if it will be re-run. Once a unit has failed more than
+        ``max_unit_retries`` times its model is marked ``"failed"`` (pending units dropped, it
+        counts as done) and False is returned; other models are unaffected.
+        """
+        self._take_running(worker_id, unit)
+        m = self._models[unit.model_id]
+        self._release(m, unit)
+        # The worker's in-memory copy may be what broke; do not reuse it.
+        self._held.pop(worker_id, None)
+        key = _retry_key(unit)
+        m.retries[key] = m.retries.get(key, 0) + 1
+        if m.terminal:
+            self._maybe_finish(m)
+            return False
+        if m.retries[key] > self.max_unit_retries:
+            m.state = "failed"
+            m.val_todo.clear()
+            return False
+        self._requeue(m, unit)
+        return True
+
+    def restore_finished(self, unit: Unit) -> None:
+        """Journal replay on resume: mark ``unit`` finished without a worker.
+
+        Units must be replayed in the order they finished (train units of a model in step
+        order); anything inconsistent raises SchedulerError rather than silently diverging
+        from the checkpoints on disk.
+        """
+        m = self._model(unit.model_id)
+        if unit.kind == "train":
+            if m.train_worker is not None:
+                raise SchedulerError(f"cannot restore {unit}: a train unit of the model is running")
+            self._check_next_train(m, unit)
+        elif unit.kind == "val":
+            if (unit.epoch, unit.partition) in m.val_running:
+                raise SchedulerError(f"cannot restore {unit}: it is running")
+            if not self.validate:
+                raise SchedulerError(f"cannot restore {unit}: validation is off")
+            self._check_val(m, unit)
+            if not m.terminal and unit.partition not in m.val_todo.get(unit.epoch, ()):
+                raise SchedulerError(f"cannot restore {unit}: not pending (finished twice?)")
+        else:
+            raise SchedulerError(f"unknown unit kind {unit.kind!r}")
+        self._complete(m, unit)
+
+    # ------------------------------------------------------------------ assign
+    def assign(self) -> list[tuple[str, Unit]]:
+        """Dispatch decisions for all idle workers that have runnable work.
+
+        Work-conserving: after the call no idle worker has a runnable unit on its partition.
+        The caller must dispatch every returned (worker_id, unit); they count as running.
+        """
+        idle = {p: w for w, p in self._workers.items() if w not in self._running}
+        if not idle:
+            return []
+        if self.policy == "random":
+            out = self._assign_random(idle)
+        else:
+            out = []
+            if self.eager_validation:
+                out += self._assign_val(idle)
+            out += self._assign_train(idle)
+            if not self.eager_validation:
+                out += self._assign_val(idle)
+        for worker_id, unit in out:
+            self._dispatch(worker_id, unit)
+        return out
+
+    def _assign_train(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
+        """Longest remaining work first; each model goes to a free partition it still needs.
+
+        Partitions that a running critical model still needs this epoch are *protected*: they
+        get the shortest runnable unit instead (see ``_protected``).
+        """
+        cands = []
+        for m in self._models.values():
+            if m.terminal or m.train_worker is not None or m.epoch >= m.num_epochs:
+                continue
+            if any(p not in m.visited for p in idle):
+                cands.append((-self._remaining_work(m), self._rng.random(), m))
+        protected = self._protected(idle) if PROTECT_K else set()
+        if not cands and not protected:
+            return []
+        cands.sort(key=lambda c: (c[0], c[1]))
+        # How many candidates could use each free partition: when a model has a choice, it
+        # takes the partition fewest others want, so the rest are not stranded.
+        demand = {p: 0 for p in idle}
+        for _, _, m in cands:
+            for p in idle:
+                if p not in m.visited:
+                    demand[p] += 1
+        out = []
+        placed: set[str] = set()
+        for _, _, m in cands:
+            if not idle:
+                break
+            options = [p for p in idle if p not in m.visited and p not in protected]
+            if options:
+                p = self._pick_partition(m, options, idle, demand)
+                out.append((idle.pop(p), self._train_unit(m, p)))
+                placed.add(m.model_id)
+            for q in options:
+                demand[q] -= 1
+        for q in sorted(protected):
+            if q not in idle:
+                continue
+            best = None
+            for _, _, m in cands:
+                if m.model_id not in placed and q not in m.visited:
+                    key = (self._unit_estimate(m, "train"), self._rng.random())
+                    if best is None or key < best[0]:
+                        best = (key, m, None)
+            for m in self._models.values():
+                if m.terminal:
+                    continue
+                for e, todo in m.val_todo.items():
+                    if q in todo:
+                        key = (self._unit_estimate(m, "val"), self._rng.random())
+                        if best is None or key < best[0]:
+                            best = (key, m, e)
+                        break
+            if best is not None:
+                _, m, e = best
+                if e is None:
+                    out.append((idle.pop(q), self._train_unit(m, q)))
+                    placed.add(m.model_id)
+                else:
+                    out.append((idle.pop(q), self._val_unit(m, e, q)))
+        return out
+
+    def _protected(self, idle: dict[int, str]) -> set[int]:
+        """Free partitions that a running *critical* model still needs in its current epoch.
+
+        A model is critical when its remaining chain is at least PROTECT_THETA x (remaining
+        work of the whole run / live workers): it, not the total work, bounds the makespan.
+        When it finishes its running unit it must find one of its unvisited partitions free,
+        or it waits; so those workers run short units meanwhile.
+        """
+        W = max(1, len(self._workers))
+        total = 0.0
+        chains = []
+        for m in self._models.values():
+            if m.terminal:
+                continue
+            t = self._unit_estimate(m, "train")
+            v = self._unit_estimate(m, "val") if self.validate else 0.0
+            rem = m.remaining_train(self.num_partitions)
+            val_left = (sum(len(x) for x in m.val_todo.values())
+                        + (m.num_epochs - m.epoch) * self.num_partitions) if self.validate else 0
+            total += rem * t + val_left * v
+            if m.train_worker is not None and rem > 0:
+                chains.append((rem * t + v, m))
+        out: set[int] = set()
+        for chain, m in chains:
+            if chain >= PROTECT_THETA * total / W:
+                need = [p for p in range(self.num_partitions) if p not in m.visited]
+                if len(need) <= PROTECT_K:
+                    out.update(p for p in need if p in idle)
+        return out
+
+    def _pick_partition(self, m: _Model, options: list[int], idle: dict[int, str],
+                        demand: dict[int, int]) -> int:
+        if self.affinity:
+            for p in options:
+                if self._held.get(idle[p]) == m.model_id:
+                    self.affinity_hits += 1
+                    return p
+        if len(options) == 1:
+            return options[0]
+        return min(options, key=lambda p: (demand[p], self._rng.random()))
+
+    def _assign_val(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
+        """Val units on free partitions, oldest epoch first (fresh metrics for early stopping)."""
+        out = []
+        for p in sorted(idle):
+            best = None
+            for m in self._models.values():
+                if m.terminal:
+                    continue
+                for e, todo in m.val_todo.items():
+                    if p in todo:
+                        key = (e, self._rng.random())
+                        if best is None or key < best[0]:
+                            best = (key, m, e)
+                        break  # val_todo is in epoch order: the first hit is the oldest
+            if best is not None:
+                _, m, e = best
+                out.append((idle.pop(p), self._val_unit(m, e, p)))
+        return out
+
+    def _assign_random(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
+        """The original rule: each idle worker (random order) takes a uniformly random unit."""
+        taken: set[str] = set()
+        out = []
+        parts = sorted(idle)
+        self._rng.shuffle(parts)
+        for p in parts:
+            options: list[Unit] = []
+            for m in self._models.values():
+                if m.terminal:
+                    continue
+                if (m.train_worker is None and m.model_id not in taken
+                        and m.epoch < m.num_epochs and p not in m.visited):
+                    options.append(self._train_unit(m, p))
+                for e, todo in m.val_todo.items():
+                    if p in todo:
+                        options.append(self._val_unit(m, e, p))
+            if options:
+                unit = self._rng.choice(options)
+                if unit.kind == "train":
+                    taken.add(unit.model_id)
+                out.append((idle.pop(p), unit))
+        return out
+
+    # ------------------------------------------------------------------ status
+    @property
+    def done(self) -> bool:
+        """Every model is done, stopped or failed, and no unit is in flight.
+
+        Vacuously True before any model is added. A stopped model's unit still running keeps
+        this False, so the runtime waits for the checkpoint being written.
+        """
+        return not self._running and all(m.terminal for m in self._models.values())
+
+    @property
+    def running(self) -> dict[str, Unit]:
+        """Worker id -> unit in flight (a copy)."""
+        return dict(self._running)
+
+    @property
+    def workers(self) -> dict[str, int]:
+        """Live worker id -> partition (a copy)."""
+        return dict(self._workers)
+
+    def model_ids(self) -> list[str]:
+        return list(self._models)
+
+    def model_status(self, model_id: str) -> ModelStatus:
+        m = self._model(model_id)
+        P = self.num_partitions
+        running = [(w, u) for w, u in self._running.items() if u.model_id == model_id]
+        return ModelStatus(
+            model_id=m.model_id,
+            state=m.state,
+            num_epochs=m.num_epochs,
+            epochs_trained=m.epoch,
+            step=m.step(P),
+            validated_epochs=tuple(sorted(e for e, n in m.val_finished.items() if n >= P)),
+            running=tuple(sorted(running)),
+            retries=sum(m.retries.values()),
+            mean_train_s=m.train_sum / m.train_n if m.train_n else None,
+            mean_val_s=m.val_sum / m.val_n if m.val_n else None,
+        )
+
+    def progress(self) -> dict[str, Any]:
+        """Run-wide counters plus per-model state, epoch and step (JSON-serialisable)."""
+        P = self.num_partitions
+        per_val = P if self.validate else 0
+        units_done = units_total = 0
+        by_state: dict[str, int] = {}
+        models = {}
+        for m in self._models.values():
+            done = m.step(P) + sum(m.val_finished.values())
+            if m.terminal:
+                # Pending units of stopped/failed models are dropped; in-flight ones still count.
+                total = done + m.n_running()
+            else:
+                total = m.num_epochs * (P + per_val)
+            units_done += done
+            units_total += total
+            by_state[m.state] = by_state.get(m.state, 0) + 1
+            models[m.model_id] = {
+                "state": m.state,
+                "epoch": m.epoch,
+                "num_epochs": m.num_epochs,
+                "step": m.step(P),
+                "units_done": done,
+                "units_total": total,
+            }
+        return {
+            "models_total": len(self._models),
+            "models_done": sum(by_state.get(s, 0) for s in _TERMINAL),
+            "models_by_state": by_state,
+            "units_done": units_done,
+            "units_total": units_total,
+            "units_running": len(self._running),
+            "workers": len(self._workers),
+            "workers_idle": len(self._workers) - len(self._running),
+            "affinity_hits": self.affinity_hits,
+            "models": models,
+        }
+
+    def idle_reason(self, worker_id: str) -> str | None:
+        """Why ``worker_id`` is idle (None when it is busy)."""
+        if worker_id not in self._workers:
+            raise SchedulerError(f"unknown worker {worker_id!r}")
+        if worker_id in self._running:
+            return None
+        p = self._workers[worker_id]
+        active = [m for m in self._models.values() if not m.terminal]
+        if not self._models:
+            return "no models added yet"
+        if not active:
+            return "all models are done, stopped or failed"
+        if self._runnable_on(p):
+            return f"runnable units wait for partition {p}: call assign()"
+        training = [m for m in active if m.epoch < m.num_epochs]
+        if not training:
+            return (f"no work for partition {p}: no model is still training and its val units "
+                    f"for this partition are done or running")
+        need = sum(1 for m in training if p not in m.visited)
+        if need:
+            return (f"{need} model(s) still need partition {p} this epoch, but each is training "
+                    f"on another worker (a model trains on one worker at a time in MOP)")
+        return (f"every training model ({len(training)}) has already visited partition {p} "
+                f"this epoch; it is needed again when they start their next epoch")
+
+    def explain_idle(self) -> str | None:
+        """One line on why workers idle (and which partitions lack a worker), or None."""
+        W = len(self._workers)
+        idle = [w for w in self._workers if w not in self._running]
+        orphans = [p for p in range(self.num_partitions) if p not in self._owner]
+        parts = []
+        if idle:
+            active = [m for m in self._models.values() if not m.terminal]
+            training = [m for m in active if m.epoch < m.num_epochs]
+            head = f"{len(idle)} of {W} workers idle"
+            if not self._models:
+                parts.append(f"{head}: no models added yet")
+            elif not active:
+                parts.append(f"{head}: all models are done, stopped or failed")
+            elif len(training) < W:
+                parts.append(
+                    f"{head}: only {len(training)} model(s) training and a model trains on one "
+                    f"worker at a time (MOP); add models or use fewer workers"
+                    + ("; validation units fill idle workers when available" if self.validate
+                       else ""))
+            else:
+                parts.append(
+                    f"{head}: the training models that are not running have already visited "
+                    f"these workers' partitions this epoch (transient)")
+        if orphans:
+            parts.append(f"partition(s) {orphans} have no worker: their units wait until a "
+                         f"worker for them joins")
+        return "; ".join(parts) or None
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything, JSON-serialisable; ``from_state_dict`` continues identically."""
+        version, internal, gauss_next = self._rng.getstate()
+        return {
+            "version": _STATE_VERSION,
+            "num_partitions": self.num_partitions,
+            "seed": self.seed,
+            "validate": self.validate,
+            "policy": self.policy,
+            "affinity": self.affinity,
+            "eager_validation": self.eager_validation,
+            "max_unit_retries": self.max_unit_retries,
+            "rng": [version, list(internal), gauss_next],
+            "models": [m.to_dict() for m in self._models.values()],
+            "workers": [[w, p] for w, p in self._workers.items()],
+            "running": [[w, u.to_dict()] for w, u in self._running.items()],
+            "held": [[w, mid] for w, mid in self._held.items()],
+            "durations": [self._train_sum, self._train_n, self._val_sum, self._val_n],
+            "affinity_hits": self.affinity_hits,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> HopScheduler:
+        if d.get("version") != _STATE_VERSION:
+            raise SchedulerError(f"unsupported scheduler state version {d.get('version')!r}")
+        s = cls(d["num_partitions"], seed=d["seed"], validate=d["validate"], policy=d["policy"],
+                affinity=d["affinity"], eager_validation=d["eager_validation"],
+                max_unit_retries=d["max_unit_retries"])
+        version, internal, gauss_next = d["rng"]
+        s._rng.setstate((version, tuple(internal), gauss_next))
+        s._models = {md["model_id"]: _Model.from_dict(md) for md in d["models"]}
+        s._workers = {w: int(p) for w, p in d["workers"]}
+        s._owner = {p: w for w, p in s._workers.items()}
+        s._running = {w: Unit.from_dict(u) for w, u in d["running"]}
+        s._held = {w: mid for w, mid in d["held"]}
+        s._train_sum, s._train_n, s._val_sum, s._val_n = d["durations"]
+        s.affinity_hits = d["affinity_hits"]
+        return s
+
+    # --------------------------------------------------------------- internals
+    def _model(self, model_id: str) -> _Model:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise SchedulerError(f"unknown model {model_id!r}") from None
+
+    def _train_unit(self, m: _Model, p: int) -> Unit:
+        return Unit(m.model_id, m.epoch, "train", p, m.step(self.num_partitions))
+
+    def _val_unit(self, m: _Model, e: int, p: int) -> Unit:
+        return Unit(m.model_id, e, "val", p, (e + 1) * self.num_partitions)
+
+    def _dispatch(self, worker_id: str, unit: Unit) -> None:
+        m = self._models[unit.model_id]
+        self._running[worker_id] = unit
+        if m.state == "pending":
+            m.state = "running"
+        if unit.kind == "train":
+            m.train_worker = worker_id
+            # The model moves on: copies other workers hold become stale (older weights).
+            for w in [w for w, held in self._held.items() if held == m.model_id]:
+                del self._held[w]
+        else:
+            todo = m.val_todo[unit.epoch]
+            todo.discard(unit.partition)
+            if not todo:
+                del m.val_todo[unit.epoch]
+            m.val_running[(unit.epoch, unit.partition)] = worker_id
+        # The worker now holds this model's weights (or a val copy); any other model is evicted.
+        self._held.pop(worker_id, None)
+
+    def _take_running(self, worker_id: str, unit: Unit) -> None:
+        running = self._running.get(worker_id)
+        if running != unit:
+            raise SchedulerError(
+                f"worker {worker_id!r} is not running {unit} (it runs {running}); "
+                f"stale or duplicate report?")
+        del self._running[worker_id]
+
+    def _release(self, m: _Model, unit: Unit) -> None:
+        if unit.kind == "train":
+            m.train_worker = None
+        else:
+            m.val_running.pop((unit.epoch, unit.partition), None)
+
+    def _requeue(self, m: _Model, unit: Unit) -> None:
+        # A train unit needs no requeue: its partition is still unvisited and the step unchanged.
+        if unit.kind == "val":
+            m.val_todo.setdefault(unit.epoch, set()).add(unit.partition)
+            m.val_todo = dict(sorted(m.val_todo.items()))  # keep epoch order (oldest first)
+
+    def _check_next_train(self, m: _Model, unit: Unit) -> None:
+        expected = m.step(self.num_partitions)
+        if (unit.epoch != m.epoch or unit.partition in m.visited or unit.step != expected
+                or m.epoch >= m.num_epochs):
+            raise SchedulerError(
+                f"cannot restore {unit}: model is at epoch {m.epoch}, step {expected}, visited "
+                f"{sorted(m.visited)} (journal out of order or for another run?)")
+
+    def _check_val(self, m: _Model, unit: Unit) -> None:
+        if unit.epoch >= m.epoch or unit.step != (unit.epoch + 1) * self.num_partitions:
+            raise SchedulerError(f"cannot restore {unit}: epoch {unit.epoch} not trained yet "
+                                 f"or wrong step")
+
+    def _complete(self, m: _Model, unit: Unit) -> None:
+        """Record a finished unit (from a worker or from the journal)."""
+        P = self.num_partitions
+        if unit.kind == "train":
+            m.visited.add(unit.partition)
+            if len(m.visited) == P:
+                finished_epoch = m.epoch
+                m.epoch += 1
+                m.visited = set()
+                if self.validate and not m.terminal:
+                    m.val_todo[finished_epoch] = set(range(P))
+        else:
+            if not m.terminal:
+                todo = m.val_todo.get(unit.epoch)
+                if todo is not None:
+                    todo.discard(unit.partition)  # journal replay: never dispatched
+                    if not todo:
+                        del m.val_todo[unit.epoch]
+            m.val_finished[unit.epoch] = m.val_finished.get(unit.epoch, 0) + 1
+        if m.state == "pending":
+            m.state = "running"
+        self._maybe_finish(m)
+
+    def _maybe_finish(self, m: _Model) -> None:
+        if m.terminal:
+            return
+        if m.epoch >= m.num_epochs and not m.val_todo and not m.val_running:
+            m.state = "done"
+
+    def _observe(self, m: _Model, kind: str, duration: float) -> None:
+        if kind == "train":
+            m.train_sum += duration
+            m.train_n += 1
+            self._train_sum += duration
+            self._train_n += 1
+        else:
+            m.val_sum += duration
+            m.val_n += 1
+            self._val_sum += duration
+            self._val_n += 1
+
+    def _unit_estimate(self, m: _Model, kind: str) -> float:
+        """Expected seconds of one unit of ``m``: its observed mean, else the run's, else 1."""
+        if m.train_n:
+            t = m.train_sum / m.train_n
+        elif self._train_n:
+            t = self._train_sum / self._train_n  # unseen model: assume the run's average
+        else:
+            t = 1.0
+        if kind == "train":
+            return t
+        if m.val_n:
+            return m.val_sum / m.val_n
+        if self._val_n and self._train_n:
+            return t * (self._val_sum / self._val_n) / (self._train_sum / self._train_n)
+        return t
+
+    def _remaining_work(self, m: _Model) -> float:
+        """Estimated seconds left on the model's chain: remaining train units + one val unit.
+
+        Before any duration is known every unit costs 1, i.e. remaining unit count.
+        """
+        v = self._unit_estimate(m, "val") if self.validate else 0.0
+        return m.remaining_train(self.num_partitions) * self._unit_estimate(m, "train") + v
+
+    def _runnable_on(self, p: int) -> bool:
+        for m in self._models.values():
+            if m.terminal:
+                continue
+            if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited:
+                return True
+            if any(p in todo for todo in m.val_todo.values()):
+                return True
+        return False

@@ -1,0 +1,125 @@
+"""DeepPostures (CHAP) model selection with Model Hopper Parallelism on Spark.
+
+    check_params -> convert -> split -> train (MOP) -> export -> predict
+
+Every Spark step is a spark-submit of `cerebro-tasks <step>` through the `spark_default`
+connection (local mode by default; a standalone, YARN or Kubernetes master by changing the
+connection, not the code). Paths of one DAG run are keyed by its run id, so runs never share
+outputs; the windows dataset is shared and converted incrementally. Only paths, ids and figures
+travel through XCom. This file imports nothing heavy: parsing it needs Airflow alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+
+from cerebro_operators import CerebroSparkSubmitOperator, MOPTrainingOperator
+
+HOME = os.environ.get("CEREBRO_HOME", os.path.expanduser("~/cerebro"))
+
+# The published DeepPostures search (shared/reference/deeppostures.md): 16 configurations.
+DEFAULT_SPACE = {"learning_rate": [1e-3, 1e-4], "l2": [1e-3, 1e-4], "amp_factor": [2, 4], "window_minutes": [7, 9]}
+
+PARAMS = {
+    "h5_root": Param(f"{HOME}/h5", type="string", minLength=1, description="Pre-processed H5 files: <root>/<subject>/<YYYY-MM-DD>.h5"),
+    "dataset_url": Param(f"{HOME}/dataset", type="string", minLength=1, description="Petastorm windows dataset (converted incrementally)"),
+    "work_url": Param(f"{HOME}/work", type="string", minLength=1, description="Per-run prepared splits: <work>/<run_id>/"),
+    "store_url": Param(f"{HOME}/store", type="string", minLength=1, description="Run store: <store>/runs/<run_id>/ (checkpoints, TensorBoard, plots)"),
+    "export_url": Param(f"{HOME}/exports", type="string", minLength=1, description="Exported best models: <export>/<run_id>/ and LATEST"),
+    "predictions_url": Param(f"{HOME}/predictions", type="string", minLength=1, description="CHAP predictions: <predictions>/<model>/<subject>.csv"),
+    "search_kind": Param("grid", enum=["grid", "random"], description="grid: every combination; random: num_models draws"),
+    "search_space": Param(DEFAULT_SPACE, type="object", minProperties=1, description="parameter -> list of choices, or {\"loguniform\": [low_exp, high_exp]} etc."),
+    "num_models": Param(None, type=["null", "integer"], minimum=1, description="random search: configurations to train"),
+    "num_epochs": Param(10, type="integer", minimum=1, maximum=1000),
+    "num_workers": Param(2, type="integer", minimum=1, maximum=1024, description="MOP workers = data partitions"),
+    "batch_size": Param(128, type="integer", minimum=1, maximum=65536, description="sequences per batch"),
+    "metric": Param("val_loss", type="string", pattern="^(val|train)_[A-Za-z0-9_]+$", description="selection metric; direction follows the name"),
+    "seed": Param(2019, type="integer", description="seeds the search, model initialisation and shuffles"),
+    "split_seed": Param(2019, type="integer", description="seeds the subject split (stable as subjects arrive)"),
+    "val_fraction": Param(0.3, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
+    "padding": Param("drop", enum=["drop", "zero", "wrap"], description="prediction of a segment's tail shorter than T"),
+    "gpus_per_worker": Param(0, type="integer", minimum=0, maximum=8),
+}
+
+with DAG(
+    dag_id="deeppostures_model_selection",
+    description="H5 -> Petastorm -> subject split -> MOP model selection -> export -> CHAP predictions",
+    schedule="@daily",
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # runs share the incrementally converted dataset
+    params=PARAMS,
+    default_args={"retries": 1, "retry_delay": pendulum.duration(seconds=10)},
+    tags=["cerebro", "deeppostures", "mop"],
+    doc_md=__doc__,
+) as dag:
+
+    @task
+    def check_params(params: dict | None = None, run_id: str | None = None) -> dict:
+        """Validate the whole run configuration before any Spark job starts; resolve run paths."""
+        from cerebro_operators import safe_run_id
+
+        from cerebro_tasks.config import TrainConfig
+
+        rid = safe_run_id(run_id or "manual")
+        p = params or {}
+        config = TrainConfig.from_dict({
+            "prepared_url": f"{p['work_url'].rstrip('/')}/{rid}/prepared",
+            "store_url": p["store_url"],
+            "run_id": rid,
+            "num_workers": p["num_workers"],
+            "batch_size": p["batch_size"],
+            "search": {"space": p["search_space"], "kind": p["search_kind"], "num_models": p["num_models"],
+                       "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"]},
+        })
+        return {"run_id": rid, "prepared_url": config.prepared_url, "run_url": config.run_url,
+                "model_name": f"deeppostures-{rid}", "train_config": config.to_json()}
+
+    paths = check_params()
+
+    convert = CerebroSparkSubmitOperator(
+        task_id="convert",
+        step="convert",
+        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+    )
+
+    split = CerebroSparkSubmitOperator(
+        task_id="split",
+        step="split",
+        step_args=["--dataset", "{{ params.dataset_url }}",
+                   "--output", "{{ ti.xcom_pull(task_ids='check_params')['prepared_url'] }}",
+                   "--workers", "{{ params.num_workers }}", "--seed", "{{ params.split_seed }}",
+                   "--val-fraction", "{{ params.val_fraction }}"],
+    )
+
+    train = MOPTrainingOperator(
+        task_id="train",
+        config="{{ ti.xcom_pull(task_ids='check_params')['train_config'] }}",
+        run_id="{{ ti.xcom_pull(task_ids='check_params')['run_id'] }}",
+        gpus_per_worker="{{ params.gpus_per_worker }}",
+    )
+
+    @task
+    def export(result: dict, params: dict | None = None) -> dict:
+        """Publish the best model (.keras + SavedModel + metadata) and move the LATEST pointer."""
+        from cerebro_tasks.export import export_best
+
+        return export_best(result["run_url"], (params or {})["export_url"])
+
+    exported = export(train.output)
+
+    predict = CerebroSparkSubmitOperator(
+        task_id="predict",
+        step="predict",
+        step_args=["--dataset", "{{ params.dataset_url }}",
+                   "--model", "{{ ti.xcom_pull(task_ids='export')['export_url'] }}",
+                   "--predictions", "{{ params.predictions_url }}",
+                   "--model-name", "{{ ti.xcom_pull(task_ids='check_params')['model_name'] }}",
+                   "--padding", "{{ params.padding }}"],
+    )
+
+    paths >> convert >> split >> train
+    exported >> predict

@@ -1,0 +1,146 @@
+"""Airflow operators that submit `cerebro-tasks` steps as Spark applications.
+
+Both build on the Spark provider's `SparkSubmitOperator`: the Spark connection (`spark_default`,
+whose host is the master: `local[2]`, `spark://host:7077`, `yarn`, `k8s://...`) says where the job
+runs, and the step's JSON summary comes back through a small result file, so only metadata
+(paths, ids, figures) reaches XCom. Nothing heavy is imported here: DAG parsing stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from importlib.util import find_spec
+from typing import Any, Sequence
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+
+def spark_entry_path() -> str:
+    """The installed `cerebro_tasks/jobs/spark_entry.py`, found without importing the package."""
+    spec = find_spec("cerebro_tasks")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("cerebro_tasks is not installed in the Airflow worker's Python environment")
+    return os.path.join(list(spec.submodule_search_locations)[0], "jobs", "spark_entry.py")
+
+
+def safe_run_id(run_id: str) -> str:
+    """An Airflow run id (`manual__2024-03-04T00:00:00+00:00`) as a folder-safe id."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_.") or "run"
+
+
+class CerebroSparkSubmitOperator(SparkSubmitOperator):
+    """Runs one `cerebro-tasks <step>` with spark-submit and returns the step's JSON summary.
+
+    :param step: the CLI step (`convert`, `split`, `train`, `predict`).
+    :param step_args: the step's arguments (templated).
+    :param result_dir: where the step writes its summary; must be visible to this worker
+        (a local temp folder by default, which suits client deploy mode). (templated)
+
+    Every `SparkSubmitOperator` argument (`conn_id`, `conf`, `executor_cores`, ...) is accepted.
+    `PYSPARK_PYTHON` defaults to this worker's Python so executors see the same packages.
+    """
+
+    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "step_args", "result_dir")
+
+    def __init__(self, *, step: str, step_args: Sequence[str] = (), result_dir: str | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("name", f"cerebro-{step}")
+        env = dict(kwargs.pop("env_vars", None) or {})
+        env.setdefault("PYSPARK_PYTHON", sys.executable)
+        super().__init__(application=spark_entry_path(), env_vars=env, **kwargs)
+        self.step = step
+        self.step_args = list(step_args)
+        self.result_dir = result_dir
+
+    def execute(self, context: Any) -> Any:
+        own_dir = self.result_dir is None
+        result_dir = self.result_dir or tempfile.mkdtemp(prefix=f"cerebro-{self.step}-")
+        result_file = os.path.join(result_dir, f"{self.task_id}.json")
+        self.application_args = ["--result-file", result_file, self.step, *[str(a) for a in self.step_args]]
+        _put_spark_submit_on_path()
+        try:
+            super().execute(context)
+            with open(result_file) as f:
+                result = json.load(f)
+        finally:
+            if own_dir:
+                shutil.rmtree(result_dir, ignore_errors=True)
+        return self.summarise(result)
+
+    def summarise(self, result: Any) -> Any:
+        """What goes to XCom; subclasses keep it small."""
+        return result
+
+
+class MOPTrainingOperator(CerebroSparkSubmitOperator):
+    """Model selection with Model Hopper Parallelism as one Spark application.
+
+    :param config: the run configuration (`cerebro_tasks.config.TrainConfig` as a dict or JSON
+        text; templated), or
+    :param config_path: a JSON file holding it (templated).
+    :param run_id: the search's run id (templated; default: this DAG run's id). A retry of the task
+        submits the same run id, and the engine resumes from the run's journal.
+    :param num_workers: MOP workers (one data partition each); overrides the config's value.
+    :param gpus_per_worker: GPUs per worker task (0 = CPU). With GPUs, the executors need
+        `spark.executor.resource.gpu.amount` and a discovery script (`gpu_discovery_script`).
+    :param gpu_discovery_script: path of the GPU discovery script on the executors.
+
+    Returns (XCom) the small result: run id, best model id and configuration, its metric value,
+    store paths and the run's utilisation.
+    """
+
+    template_fields: Sequence[str] = (*CerebroSparkSubmitOperator.template_fields, "config", "config_path", "run_id",
+                                      "num_workers", "gpus_per_worker")
+
+    def __init__(self, *, config: dict[str, Any] | str | None = None, config_path: str | None = None,
+                 run_id: str = "{{ run_id }}", num_workers: int | str | None = None, gpus_per_worker: int | str = 0,
+                 gpu_discovery_script: str | None = None, **kwargs: Any) -> None:
+        if (config is None) == (config_path is None):
+            raise ValueError("MOPTrainingOperator needs exactly one of config= or config_path=")
+        conf = dict(kwargs.pop("conf", None) or {})
+        # a failed worker task comes back (Spark retries the barrier stage) instead of failing the job
+        conf.setdefault("spark.task.maxFailures", "4")
+        super().__init__(step="train", conf=conf, name=kwargs.pop("name", "cerebro-mop"), **kwargs)
+        self.config = config
+        self.config_path = config_path
+        self.run_id = run_id
+        self.num_workers = num_workers
+        self.gpus_per_worker = gpus_per_worker
+        self.gpu_discovery_script = gpu_discovery_script
+
+    def execute(self, context: Any) -> Any:
+        if self.config_path is not None:
+            with open(self.config_path) as f:
+                config = json.load(f)
+        else:
+            config = json.loads(self.config) if isinstance(self.config, str) else dict(self.config)
+        config["run_id"] = safe_run_id(str(self.run_id))
+        if self.num_workers not in (None, ""):
+            config["num_workers"] = int(self.num_workers)
+        gpus = int(self.gpus_per_worker or 0)
+        if gpus:  # one (or more) GPUs per worker task; Spark hands each task its own addresses
+            self.conf = dict(self.conf or {})
+            self.conf.setdefault("spark.executor.resource.gpu.amount", str(gpus))
+            self.conf.setdefault("spark.task.resource.gpu.amount", str(gpus))
+            if self.gpu_discovery_script:
+                self.conf.setdefault("spark.executor.resource.gpu.discoveryScript", self.gpu_discovery_script)
+        self.step_args = ["--config", json.dumps(config, sort_keys=True)]
+        return super().execute(context)
+
+    def summarise(self, result: dict[str, Any]) -> dict[str, Any]:
+        keep = ("run_id", "run_url", "metric", "best_model_id", "best_params", "best_value", "best_checkpoint",
+                "models", "failed_models", "seconds", "utilisation", "hop_overhead")
+        return {k: result.get(k) for k in keep}
+
+
+def _put_spark_submit_on_path() -> None:
+    """Prefer the `spark-submit` of this Python's environment (the hook runs it by name from PATH)."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bin_dir, "spark-submit")) and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir

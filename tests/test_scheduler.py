@@ -1,0 +1,542 @@
+"""Tests of the pure MOP hop scheduler, driven by a tiny discrete-event simulator.
+
+The simulator keeps its own record of what ran (an oracle independent of the scheduler's
+bookkeeping) and checks the MOP contract at every dispatch and after every ``assign()``.
+Everything here runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import json
+import random
+from collections import Counter
+from typing import Callable
+
+import pytest
+
+from cerebro_tasks.mop.scheduler import HopScheduler, SchedulerError, Unit
+
+
+def unit_duration(unit: Unit, cost: dict[str, float]) -> float:
+    """Deterministic per-unit duration: model cost, val at 1/3, +-20% noise keyed by the unit."""
+    noise = random.Random(f"{unit.model_id}/{unit.kind}/{unit.epoch}/{unit.partition}").uniform(0.8, 1.2)
+    base = cost[unit.model_id] * (1 / 3 if unit.kind == "val" else 1.0)
+    return base * noise
+
+
+class Sim:
+    """Simulated workers around a HopScheduler; asserts the MOP contract as it goes."""
+
+    def __init__(self, sched: HopScheduler, num_workers: int, epochs: dict[str, int],
+                 cost: dict[str, float] | None = None, pass_duration: bool = True) -> None:
+        self.s = sched
+        self.P = sched.num_partitions
+        self.epochs = dict(epochs)
+        self.cost = cost or {m: 1.0 for m in epochs}
+        self.pass_duration = pass_duration
+        self.t = 0.0
+        self.seq = 0
+        self.heap: list[tuple[float, int, str, Unit]] = []
+        self.inflight: dict[str, tuple[float, Unit]] = {}  # worker -> (start, unit)
+        self.log: list[tuple[float, float, str, Unit]] = []  # finished: (start, end, worker, unit)
+        self.dispatches: list[tuple[float, str, Unit]] = []
+        self.trained: dict[str, list[Unit]] = {m: [] for m in epochs}  # in finish order
+        self.validated: dict[str, set[tuple[int, int]]] = {m: set() for m in epochs}
+        self.terminal: set[str] = set()  # models the test stopped or that failed
+        for m, e in epochs.items():
+            sched.add_model(m, e)
+        for w in range(num_workers):
+            sched.worker_joined(f"w{w}", w % self.P)
+
+    # -- oracle ---------------------------------------------------------------
+    def add_model(self, m: str, e: int, cost: float = 1.0) -> None:
+        self.s.add_model(m, e)
+        self.epochs[m], self.cost[m] = e, cost
+        self.trained[m], self.validated[m] = [], set()
+
+    def _train_running(self, m: str) -> bool:
+        return any(u.model_id == m and u.kind == "train" for _, u in self.inflight.values())
+
+    def runnable(self, p: int) -> list[tuple[str, str]]:
+        """Units the contract allows on partition p right now (oracle view)."""
+        out = []
+        for m, e in self.epochs.items():
+            if m in self.terminal or self.s.model_status(m).state in ("stopped", "failed"):
+                continue
+            done = self.trained[m]
+            cur = len(done) // self.P
+            if cur < e and not self._train_running(m):
+                if p not in {u.partition for u in done if u.epoch == cur}:
+                    out.append((m, "train"))
+            if self.s.validate:
+                running = {(u.epoch, u.partition) for _, u in self.inflight.values()
+                           if u.model_id == m and u.kind == "val"}
+                for ep in range(cur):
+                    if (ep, p) not in self.validated[m] and (ep, p) not in running:
+                        out.append((m, "val"))
+        return out
+
+    def check_dispatch(self, w: str, u: Unit) -> None:
+        P = self.P
+        assert w not in self.inflight, "worker given two units"
+        assert self.s.workers[w] == u.partition, "unit sent to a worker not owning its partition"
+        assert u.model_id not in self.terminal
+        done = self.trained[u.model_id]
+        if u.kind == "train":
+            assert not self._train_running(u.model_id), "two train units of one model at once"
+            assert u.step == len(done), "train unit must read the newest checkpoint"
+            assert u.epoch == len(done) // P
+            assert u.partition not in {x.partition for x in done if x.epoch == u.epoch}
+        else:
+            assert u.kind == "val"
+            assert len(done) >= (u.epoch + 1) * P, "val before its epoch's training finished"
+            assert u.step == (u.epoch + 1) * P
+            assert (u.epoch, u.partition) not in self.validated[u.model_id]
+
+    def dispatch(self) -> list[tuple[str, Unit]]:
+        out = self.s.assign()
+        for w, u in out:
+            self.check_dispatch(w, u)
+            d = unit_duration(u, self.cost)
+            self.inflight[w] = (self.t, u)
+            self.dispatches.append((self.t, w, u))
+            heapq.heappush(self.heap, (self.t + d, self.seq, w, u))
+            self.seq += 1
+        # Work-conserving: no idle worker may have a runnable unit on its partition.
+        for w, p in self.s.workers.items():
+            if w not in self.inflight:
+                assert not self.runnable(p), f"worker {w} idle although {self.runnable(p)} runnable"
+                assert self.s.idle_reason(w) is not None
+        return out
+
+    def step(self) -> bool:
+        """Finish the next unit (skipping ones whose worker was removed). False when none left."""
+        while self.heap:
+            end, _, w, u = heapq.heappop(self.heap)
+            if self.inflight.get(w, (None, None))[1] != u:
+                continue  # its worker left; the unit was requeued
+            start, _ = self.inflight.pop(w)
+            self.t = end
+            self.s.unit_finished(w, u, duration=(end - start) if self.pass_duration else None)
+            self.log.append((start, end, w, u))
+            if u.kind == "train":
+                self.trained[u.model_id].append(u)
+            else:
+                self.validated[u.model_id].add((u.epoch, u.partition))
+            return True
+        return False
+
+    def run(self, max_events: int | None = None) -> None:
+        n = 0
+        self.dispatch()
+        while (max_events is None or n < max_events) and self.step():
+            self.dispatch()
+            n += 1
+        if max_events is None:
+            assert not self.heap or all(self.inflight.get(w, (0, None))[1] != u
+                                        for _, _, w, u in self.heap)
+
+    def remove_worker(self, w: str) -> Unit | None:
+        self.inflight.pop(w, None)
+        return self.s.worker_left(w)
+
+    def assignment_trace(self) -> list[tuple[float, str, Unit]]:
+        return list(self.dispatches)
+
+    # -- final checks -----------------------------------------------------------
+    def check_complete(self, models: list[str] | None = None) -> None:
+        P = self.P
+        for m in models or list(self.epochs):
+            e = self.epochs[m]
+            steps = [u.step for u in self.trained[m]]
+            assert steps == list(range(e * P)), f"{m}: steps {steps}"
+            for ep in range(e):
+                parts = sorted(u.partition for u in self.trained[m] if u.epoch == ep)
+                assert parts == list(range(P)), f"{m} epoch {ep} partitions {parts}"
+            if self.s.validate:
+                assert self.validated[m] == {(ep, p) for ep in range(e) for p in range(P)}
+            assert self.s.model_status(m).state == "done"
+        # No unit counted twice.
+        counts = Counter(self.log_units())
+        assert all(c == 1 for c in counts.values()), [u for u, c in counts.items() if c > 1]
+
+    def log_units(self) -> list[Unit]:
+        return [u for _, _, _, u in self.log]
+
+
+def hetero(n: int, seed: int = 1) -> tuple[dict[str, int], dict[str, float]]:
+    rng = random.Random(seed)
+    epochs = {f"m{i}": rng.choice([1, 2, 3]) for i in range(n)}
+    cost = {m: 10 ** rng.uniform(0, 1) for m in epochs}
+    return epochs, cost
+
+
+def make(P: int = 4, **kw) -> HopScheduler:
+    return HopScheduler(P, **kw)
+
+
+# ----------------------------------------------------------------------------- basics
+@pytest.mark.parametrize("policy", ["critical", "random"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_full_run_respects_mop_contract(policy: str, validate: bool) -> None:
+    epochs, cost = hetero(7)
+    sim = Sim(make(4, seed=3, policy=policy, validate=validate), 4, epochs, cost)
+    sim.run()
+    sim.check_complete()
+    assert sim.s.done
+    prog = sim.s.progress()
+    assert prog["units_done"] == prog["units_total"] == len(sim.log)
+    assert prog["models_done"] == 7
+    if not validate:
+        assert all(u.kind == "train" for u in sim.log_units())
+
+
+def test_train_units_of_a_model_never_overlap_and_val_overlaps_next_epoch() -> None:
+    sim = Sim(make(4, seed=0), 4, {"a": 3})
+    sim.run()
+    sim.check_complete()
+    train = sorted((s, e) for s, e, _, u in sim.log if u.kind == "train")
+    for (s1, e1), (s2, _) in zip(train, train[1:]):
+        assert s2 >= e1 - 1e-12
+    # Validation of epoch 0 ran beside training of epoch 1 (no barrier).
+    val0 = [(s, e) for s, e, _, u in sim.log if u.kind == "val" and u.epoch == 0]
+    tr1 = [(s, e) for s, e, _, u in sim.log if u.kind == "train" and u.epoch == 1]
+    assert any(vs < te and ts < ve for vs, ve in val0 for ts, te in tr1)
+
+
+def test_no_global_epoch_barrier() -> None:
+    # A cheap model moves on to later epochs while an expensive one is still in epoch 0.
+    sim = Sim(make(2, seed=0), 2, {"slow": 1, "fast": 3}, {"slow": 50.0, "fast": 1.0})
+    sim.run()
+    sim.check_complete()
+    slow_trained = max(e for _, e, _, u in sim.log if u.model_id == "slow" and u.kind == "train")
+    assert any(s < slow_trained for s, _, _, u in sim.log
+               if u.model_id == "fast" and u.epoch >= 1 and u.kind == "train")
+
+
+def test_longest_remaining_work_goes_first() -> None:
+    s = make(1, seed=0)
+    s.add_model("short", 1)
+    s.add_model("long", 3)
+    s.worker_joined("w0", 0)
+    [(w, u)] = s.assign()
+    assert u.model_id == "long" and u.kind == "train" and u.step == 0
+
+
+def test_observed_durations_drive_priority() -> None:
+    # Both models have equal unit counts left; the one observed slower must go first.
+    s = make(2, seed=0, validate=False, affinity=False)
+    s.add_model("cheap", 2)
+    s.add_model("dear", 2)
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    first = dict((u.model_id, (w, u)) for w, u in s.assign())
+    s.unit_finished(*first["cheap"], duration=1.0)
+    s.unit_finished(*first["dear"], duration=9.0)
+    out = s.assign()
+    # Each now needs the other partition; both get one. Finish the epoch and check order on a
+    # single free worker.
+    for w, u in out:
+        s.unit_finished(w, u, duration=1.0 if u.model_id == "cheap" else 9.0)
+    s.worker_left("w1")
+    [(w, u)] = s.assign()
+    assert u.model_id == "dear"
+
+
+# ------------------------------------------------------------------------ determinism
+def _trace(seed: int, policy: str = "critical") -> list:
+    epochs, cost = hetero(9, seed=5)
+    sim = Sim(make(4, seed=seed, policy=policy), 4, epochs, cost)
+    sim.run()
+    return [(round(t, 9), w, u) for t, w, u in sim.assignment_trace()]
+
+
+@pytest.mark.parametrize("policy", ["critical", "random"])
+def test_same_seed_same_assignments_different_seed_differs(policy: str) -> None:
+    assert _trace(11, policy) == _trace(11, policy)
+    assert _trace(11, policy) != _trace(12, policy)
+
+
+# ------------------------------------------------------------------ dynamic model set
+def test_models_added_mid_run_and_stopped() -> None:
+    epochs, cost = hetero(4, seed=2)
+    sim = Sim(make(4, seed=1), 4, epochs, cost)
+    sim.run(max_events=10)
+    sim.add_model("late", 2, cost=2.0)
+    sim.run(max_events=10)
+    # Stop m0 while it has pending units (possibly one running).
+    assert sim.s.model_status("m0").state in ("running", "pending")
+    running_m0 = [(w, u) for w, (_, u) in sim.inflight.items() if u.model_id == "m0"]
+    sim.s.stop_model("m0")
+    sim.terminal.add("m0")
+    assert sim.s.model_status("m0").state == "stopped"
+    n_before = len([u for u in sim.log_units() if u.model_id == "m0"])
+    sim.run()
+    after = [u for u in sim.log_units() if u.model_id == "m0"]
+    # Only the units already running at stop time may still finish; nothing new was dispatched.
+    assert len(after) - n_before == len(running_m0)
+    assert all(u.model_id != "m0" or t <= sim.t for t, _, u in sim.dispatches)
+    sim.check_complete([m for m in sim.epochs if m != "m0"])
+    assert sim.s.done
+    prog = sim.s.progress()
+    assert prog["models_by_state"] == {"done": 4, "stopped": 1}
+    assert prog["units_done"] == prog["units_total"]
+
+
+def test_stopped_model_with_running_unit_keeps_done_false_until_it_reports() -> None:
+    s = make(1, seed=0)
+    s.add_model("a", 1)
+    s.worker_joined("w0", 0)
+    [(w, u)] = s.assign()
+    s.stop_model("a")
+    assert s.model_status("a").state == "stopped"
+    assert not s.done  # the checkpoint is still being written
+    assert s.assign() == []
+    s.unit_finished(w, u)
+    assert s.done
+    assert s.model_status("a").step == 1
+
+
+def test_done_semantics() -> None:
+    s = make(2)
+    assert s.done  # nothing to do
+    s.add_model("a", 1)
+    assert not s.done
+    s.stop_model("a")
+    assert s.done
+    s.add_model("b", 1)  # TPE may add a batch after everything finished
+    assert not s.done
+
+
+# ---------------------------------------------------------------------- fault tolerance
+def test_worker_left_mid_unit_is_rerun_exactly_once() -> None:
+    epochs, cost = hetero(6, seed=4)
+    sim = Sim(make(4, seed=2), 4, epochs, cost)
+    sim.run(max_events=12)
+    w, (_, lost) = next(iter(sorted(sim.inflight.items())))
+    p = sim.s.workers[w]
+    assert sim.remove_worker(w) == lost
+    # While partition p has no worker, nothing of partition p is dispatched.
+    n = len(sim.dispatches)
+    sim.run(max_events=8)
+    assert all(u.partition != p for _, _, u in sim.dispatches[n:])
+    msg = sim.s.explain_idle()
+    assert msg is not None and f"[{p}]" in msg and "no worker" in msg
+    sim.s.worker_joined(w + "-new", p)
+    sim.run()
+    sim.check_complete()
+    # The lost unit is re-run exactly once. A lost *train* unit may come back with a later
+    # step: while its partition had no worker the model trained on other partitions.
+    key = (lost.model_id, lost.epoch, lost.kind, lost.partition)
+    reruns = [u for u in sim.log_units() if (u.model_id, u.epoch, u.kind, u.partition) == key]
+    assert len(reruns) == 1
+    assert reruns[0].step >= lost.step
+
+
+def test_worker_rejoin_same_id_requeues_its_unit() -> None:
+    s = make(2, seed=0)
+    s.add_model("a", 1)
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    out = dict(s.assign())
+    assert len(out) == 1
+    (w, u), = out.items()
+    s.worker_joined(w, u.partition)  # restarted: its unit went back to pending
+    assert s.running == {}
+    again = dict(s.assign())
+    assert again == {w: u} or list(again.values()) == [Unit("a", 0, "train", 1 - u.partition, 0)] \
+        or list(again.values()) == [u]
+
+
+def test_double_owner_and_bad_events_raise() -> None:
+    s = make(2)
+    s.add_model("a", 1)
+    with pytest.raises(SchedulerError):
+        s.add_model("a", 1)
+    with pytest.raises(SchedulerError):
+        s.add_model("b", 0)
+    s.worker_joined("w0", 0)
+    with pytest.raises(SchedulerError):
+        s.worker_joined("x", 0)  # partition 0 still owned by live w0
+    with pytest.raises(SchedulerError):
+        s.worker_joined("w9", 2)
+    with pytest.raises(SchedulerError):
+        HopScheduler(2, policy="fifo")
+    [(w, u)] = s.assign()
+    with pytest.raises(SchedulerError):
+        s.unit_finished(w, Unit("a", 0, "train", 0, 5))  # not what it runs
+    s.unit_finished(w, u)
+    with pytest.raises(SchedulerError):
+        s.unit_finished(w, u)  # duplicate report
+    with pytest.raises(SchedulerError):
+        s.worker_left("nobody")
+
+
+def test_unit_failed_retries_then_marks_model_failed() -> None:
+    s = make(2, seed=0, max_unit_retries=2)
+    s.add_model("bad", 1)
+    s.add_model("good", 1)
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    fails = 0
+    while not s.done:
+        for w, u in s.assign():
+            if u.model_id == "bad" and u.partition == 1:
+                fails += 1
+                assert s.unit_failed(w, u) is (fails <= 2)
+                if fails <= 2:
+                    assert s.model_status("bad").retries == fails
+            else:
+                s.unit_finished(w, u)
+    assert fails == 3
+    assert s.model_status("bad").state == "failed"
+    assert s.model_status("good").state == "done"
+    assert s.progress()["models_done"] == 2
+
+
+def test_unit_failed_retry_reruns_same_unit() -> None:
+    s = make(1, seed=0, validate=False)
+    s.add_model("a", 1)
+    s.worker_joined("w0", 0)
+    [(w, u)] = s.assign()
+    assert s.unit_failed(w, u)
+    assert s.assign() == [(w, u)]
+
+
+# ------------------------------------------------------------------ fewer models than workers
+def test_one_model_four_workers_completes_and_explains_idling() -> None:
+    sim = Sim(make(4, seed=0), 4, {"solo": 2}, {"solo": 1.0})
+    first = sim.dispatch()
+    assert len(first) == 1
+    msg = sim.s.explain_idle()
+    assert msg is not None and msg.startswith("3 of 4 workers idle")
+    assert "only 1 model" in msg and "fewer workers" in msg
+    idle = [w for w in sim.s.workers if w not in sim.inflight]
+    assert all("another worker" in sim.s.idle_reason(w) for w in idle)
+    while sim.step():
+        sim.dispatch()
+    sim.check_complete()
+    # Validation of epoch 0 used otherwise idle workers while training went on.
+    assert any(u.kind == "val" for _, _, u in sim.dispatches)
+    assert sim.s.explain_idle() == "4 of 4 workers idle: all models are done, stopped or failed"
+
+
+def test_no_models_and_no_workers() -> None:
+    s = make(3)
+    assert s.assign() == []
+    s.worker_joined("w0", 0)
+    assert s.explain_idle().startswith("1 of 1 workers idle: no models added yet")
+    assert s.idle_reason("w0") == "no models added yet"
+
+
+# ---------------------------------------------------------------------- persistence
+def test_state_dict_round_trip_mid_run_continues_identically() -> None:
+    epochs, cost = hetero(8, seed=6)
+    sim = Sim(make(4, seed=9), 4, epochs, cost)
+    sim.run(max_events=25)
+    assert sim.inflight  # mid-run, units in flight
+    state = json.loads(json.dumps(sim.s.state_dict()))
+    twin = copy.deepcopy(sim)
+    twin.s = HopScheduler.from_state_dict(state)
+    assert twin.s.state_dict() == state
+    sim.run()
+    twin.run()
+    assert twin.dispatches == sim.dispatches
+    assert twin.s.state_dict() == sim.s.state_dict()
+    twin.check_complete()
+
+
+def test_restore_finished_replay_matches_and_continues() -> None:
+    epochs, cost = hetero(5, seed=7)
+    sim = Sim(make(3, seed=4), 3, epochs, cost)
+    sim.run(max_events=30)
+    journal = sim.log_units()
+    # Resume: a fresh scheduler, same models, journal replayed, workers re-join.
+    s2 = make(3, seed=4)
+    for m, e in epochs.items():
+        s2.add_model(m, e)
+    for u in journal:
+        s2.restore_finished(u)
+    for m in epochs:
+        a, b = sim.s.model_status(m), s2.model_status(m)
+        assert (a.epochs_trained, a.step, a.validated_epochs) == \
+            (b.epochs_trained, b.step, b.validated_epochs)
+    resumed = Sim(s2, 0, {}, {})
+    resumed.epochs, resumed.cost = dict(epochs), dict(cost)
+    resumed.trained = {m: [u for u in journal if u.model_id == m and u.kind == "train"]
+                       for m in epochs}
+    resumed.validated = {m: {(u.epoch, u.partition) for u in journal
+                             if u.model_id == m and u.kind == "val"} for m in epochs}
+    resumed.log = [(0.0, 0.0, "journal", u) for u in journal]
+    for w in range(3):
+        s2.worker_joined(f"r{w}", w)
+    resumed.run()
+    resumed.check_complete()  # every unit exactly once across journal + resumed run
+
+
+def test_restore_finished_rejects_out_of_order_journal() -> None:
+    s = make(2)
+    s.add_model("a", 2)
+    with pytest.raises(SchedulerError):
+        s.restore_finished(Unit("a", 0, "train", 0, 1))  # step 0 first
+    s.restore_finished(Unit("a", 0, "train", 1, 0))
+    with pytest.raises(SchedulerError):
+        s.restore_finished(Unit("a", 0, "train", 1, 1))  # partition 1 visited already
+    with pytest.raises(SchedulerError):
+        s.restore_finished(Unit("a", 0, "val", 0, 2))  # epoch 0 not trained yet
+    s.restore_finished(Unit("a", 0, "train", 0, 1))
+    s.restore_finished(Unit("a", 0, "val", 0, 2))
+    with pytest.raises(SchedulerError):
+        s.restore_finished(Unit("a", 0, "val", 0, 2))  # twice
+    assert s.model_status("a").step == 2
+    with pytest.raises(SchedulerError):
+        s.restore_finished(Unit("zzz", 0, "train", 0, 0))
+
+
+# ------------------------------------------------------------------------- options
+def test_affinity_keeps_model_on_worker_at_epoch_boundary() -> None:
+    s = make(2, seed=0, validate=False, affinity=True)
+    s.add_model("a", 3)
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    last_worker = None
+    while not s.done:
+        for w, u in s.assign():
+            if u.step % 2 == 0 and last_worker is not None:
+                assert w == last_worker  # first unit of an epoch stays where the model is
+            s.unit_finished(w, u)
+            last_worker = w
+    assert s.affinity_hits == 2
+
+
+def test_eager_validation_runs_val_before_train() -> None:
+    s = make(1, seed=0, eager_validation=True)
+    s.add_model("a", 2)
+    s.add_model("b", 2)
+    s.worker_joined("w0", 0)
+    [(w, u)] = s.assign()
+    s.unit_finished(w, u)  # epoch 0 of that model done -> its val unit is runnable
+    [(w, u2)] = s.assign()
+    assert u2.kind == "val" and u2.model_id == u.model_id and u2.step == 1
+
+
+def test_default_policy_runs_val_as_filler() -> None:
+    s = make(1, seed=0)
+    s.add_model("a", 2)
+    s.add_model("b", 2)
+    s.worker_joined("w0", 0)
+    [(w, u)] = s.assign()
+    s.unit_finished(w, u)
+    [(w, u2)] = s.assign()
+    assert u2.kind == "train"
+
+
+def test_progress_and_status_are_json_serialisable() -> None:
+    epochs, cost = hetero(3, seed=8)
+    sim = Sim(make(2, seed=0), 2, epochs, cost)
+    sim.run(max_events=5)
+    json.dumps(sim.s.progress())
+    st = sim.s.model_status("m0")
+    assert st.num_epochs == epochs["m0"] and st.state in ("pending", "running", "done")
