@@ -370,8 +370,8 @@ def _check_values(path: str, field: str, values: np.ndarray, allowed: Iterable[i
     bad = _first_index(~np.isin(values, allowed))
     if bad is not None:
         allowed_text = "{" + ", ".join(str(v) for v in allowed) + "}"
-        raise H5FormatError(path, field,
-                            f"expected values in {allowed_text}, found {values[bad]} at window {bad}")
+        raise H5FormatError(path, field, f"expected values in {allowed_text}, "
+                            f"found {values[bad]} at window {bad}")
 
 
 def _check_finite_data(path: str, data: np.ndarray) -> None:

@@ -84,7 +84,6 @@ __all__ = ["synthesize", "subject_id", "write_day_h5", "add_cli_arguments", "run
 
 SAMPLE_HZ = SAMPLES_PER_WINDOW // WINDOW_SECONDS  # 10 Hz
 _MINUTE = 60 * SAMPLE_HZ  # samples per minute
-_HOUR = 60 * _MINUTE
 _DAY_SECONDS = 86_400
 
 # Per-sample states. The first three are behaviours (the activPAL truth); the last two are
@@ -339,7 +338,8 @@ def _subject_days(seed: int, index: int, first_date: _dt.date, days: int,
 def _make_profile(rng: np.random.Generator) -> _Profile:
     """Draw one subject's body, device placement, gait and habits."""
     axis = rng.normal(size=3)
-    rotation = _rotation_matrix(axis / np.linalg.norm(axis), np.deg2rad(rng.uniform(0.0, _MAX_ROTATION_DEG)))
+    angle = np.deg2rad(rng.uniform(0.0, _MAX_ROTATION_DEG))
+    rotation = _rotation_matrix(axis / np.linalg.norm(axis), angle)
     return _Profile(
         rotation=rotation,
         sit_tilt_deg=rng.uniform(*_SIT_TILT_DEG),
@@ -447,7 +447,8 @@ def _clock_overlays(rng: np.random.Generator, profile: _Profile, plans: list[_Da
         bed = 23 * 3600 + profile.bed_offset_s + rng.normal(0.0, 1200.0)
         wake = 31 * 3600 + profile.wake_offset_s + rng.normal(0.0, 1200.0)
         bed_s, wake_s = 60 * round(bed / 60), 60 * round(wake / 60)  # sleep logs are in minutes
-        sleep += _split_sleep(rng, _sample_at(plans, night, bed_s), _sample_at(plans, night, wake_s))
+        sleep += _split_sleep(rng, _sample_at(plans, night, bed_s),
+                              _sample_at(plans, night, wake_s))
         if rng.random() < 0.85:  # shower and dressing after getting up
             off = _sample_at(plans, night, wake_s)
             non_wear.append((off, off + int(rng.integers(15, 51)) * _MINUTE, _table_pose(rng)))
@@ -469,8 +470,10 @@ def _compact_overlays(rng: np.random.Generator, plans: list[_DayPlan]) -> _Overl
     sleep, non_wear, unlabelled = [], [], []
 
     def stretch(base: int, k: int, at: float, length: float) -> tuple[int, int]:
+        """Whole windows from about ``at`` of the file, ``length`` of it long (at least one)."""
         first = base + int(round((at + rng.uniform(-0.03, 0.03)) * k))
-        return first * SAMPLES_PER_WINDOW, (first + max(1, int(round(length * k)))) * SAMPLES_PER_WINDOW
+        last = first + max(1, int(round(length * k)))
+        return first * SAMPLES_PER_WINDOW, last * SAMPLES_PER_WINDOW
 
     for plan in plans:
         base, k = plan.first_window, plan.num_windows
@@ -492,7 +495,8 @@ def _make_bouts(rng: np.random.Generator, profile: _Profile, total: int) -> _Bou
 
     Sitting bouts are log-uniform 5-60 min. Each not-sitting bout (1-15 min) is what brings the
     running share of sitting back to the subject's target, times a log-normal jitter, so even a
-    short recording lands near the target while bout lengths still vary. Bouts are drawn in order, so a longer recording only adds bouts.
+    short recording lands near the target while bout lengths still vary. Bouts are drawn in
+    order, so a longer recording only adds bouts.
     """
     rows: list[tuple[int, int, np.ndarray, float, float, float]] = []
     sat = stood = 0
