@@ -97,6 +97,7 @@ class Store:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(final))
             os.close(fd)
             shutil.copyfile(local_path, tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; published files get the usual mode
             os.replace(tmp, final)
             return
         with open(local_path, "rb") as f:
@@ -135,6 +136,12 @@ class Store:
             self.fs.delete_dir(self.path(*parts))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(*parts))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj: Any) -> Any:

@@ -110,7 +110,8 @@ def test_explicit_subject_and_date_override_the_path(tmp_path):
 
 def test_narrower_dtypes_are_accepted_and_widened(day_path):
     arrays = valid_arrays()
-    narrow = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int8) for k, v in arrays.items()}
+    narrow = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int8)
+              for k, v in arrays.items()}
     narrow["time"] = arrays["time"]  # float32 cannot hold epoch seconds exactly
     write_file(day_path, narrow)
     day = read_h5(day_path)
@@ -348,7 +349,8 @@ def test_consecutive_days_pass():
 
 
 def test_gap_between_days():
-    days = [(dt.date(2024, 3, 4), "/r/S1/2024-03-04.h5"), (dt.date(2024, 3, 6), "/r/S1/2024-03-06.h5")]
+    days = [(dt.date(2024, 3, 4), "/r/S1/2024-03-04.h5"),
+            (dt.date(2024, 3, 6), "/r/S1/2024-03-06.h5")]
     with pytest.raises(H5FormatError) as info:
         validate_consecutive_days(days)
     assert str(info.value) == ("/r/S1/2024-03-06.h5: field 'date': "

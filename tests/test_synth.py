@@ -226,7 +226,7 @@ def test_a_trivial_classifier_learns_across_subjects(tmp_path):
     score = balanced_accuracy(y_test, (z > 0).astype(int))
     majority = balanced_accuracy(y_test, np.zeros_like(y_test))
     assert majority == 0.5 and np.mean(y_test == 0) > 0.6  # sitting is the majority
-    assert score >= 0.8, score
+    assert score >= 0.75, score  # 0.89 here; 0.79-0.998 over 20 seeds
 
 
 # --- reproducibility --------------------------------------------------------------------------
@@ -287,3 +287,16 @@ def test_cli_arguments(tmp_path):
                               "--seed", "4", "--windows-per-day", "30"])
     paths = synth.run_cli(args)
     assert len(paths) == 4 and [read_h5(p).num_windows for p in paths] == [30] * 4
+
+
+def test_failed_write_leaves_no_file_behind(tmp_path):
+    arrays = {"time": np.zeros(2), "data": np.zeros((2, 100, 3)), "non_wear": np.zeros(2)}
+    with pytest.raises(KeyError):  # 'sleeping' is missing: fails half-way through the file
+        synth.write_day_h5(str(tmp_path / "2024-03-04.h5"), arrays)
+    assert os.listdir(tmp_path) == []
+
+
+def test_module_main(tmp_path, capsys):
+    assert synth.main(["--out", str(tmp_path), "--subjects", "1", "--days", "1", "--seed", "0",
+                       "--windows-per-day", "12"]) == 0
+    assert "wrote 1 files" in capsys.readouterr().out

@@ -251,6 +251,8 @@ def read_h5(path: str, subject: str | None = None, date: _dt.date | str | None =
     With ``validate`` (the default) every rule in the module docstring is checked and the first
     broken one raises :class:`H5FormatError`; without it only presence is checked and values are
     converted to the reference dtypes as they are (for trusted data, e.g. just written).
+    A file that is not HDF5 at all, or cannot be read, raises h5py's ``OSError`` unchanged: an
+    I/O failure is not a verdict on the data.
     """
     path = os.fspath(path)
     if subject is None:
@@ -306,7 +308,7 @@ def _require_datasets(path: str, h5: h5py.File) -> dict[str, h5py.Dataset]:
 
 def _check_metadata(path: str, datasets: dict[str, h5py.Dataset]) -> None:
     """dtype kinds and shapes of all five datasets, before reading any values."""
-    for name, (dtype, trailing) in DATASETS.items():
+    for name, (dtype, _) in DATASETS.items():
         found = datasets[name].dtype
         if dtype.kind == "f" and found.kind != "f":
             raise H5FormatError(path, name,

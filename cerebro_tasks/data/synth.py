@@ -614,6 +614,7 @@ def _body_dynamics(rng: np.random.Generator, profile: _Profile, bouts: _Bouts, b
     # Sit-to-stand and stand-to-sit: a ~2 s push, forward and up, at every posture change.
     edges = bouts.starts[1:][(bouts.kinds[1:] == SIT) != (bouts.kinds[:-1] == SIT)]
     edges = edges[(edges >= idx[0]) & (edges <= idx[-1])] - idx[0]
+    edges = edges[state[edges] <= WALK]  # not while asleep or while the device is off
     if edges.size:
         push = np.zeros((n, 3))
         push[edges] = rng.normal([0.0, 0.25, 0.2], [0.03, 0.05, 0.05], size=(edges.size, 3))

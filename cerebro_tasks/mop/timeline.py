@@ -62,10 +62,10 @@ def plot_timeline(records: list[dict[str, Any]], path: str, title: str = "MOP ti
                 hatch="//" if u["kind"] == "val" else None)
     ax.set_yticks(partitions, [f"worker {p}" for p in partitions])
     ax.set_xlabel("seconds since first unit")
-    ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in models[:20]]
-    ax.legend(handles, models[:20], fontsize=7, ncol=min(4, max(1, len(models))), loc="upper center",
-              bbox_to_anchor=(0.5, -0.25 if len(partitions) < 3 else -0.12))
+    ax.legend(handles, models[:20], fontsize=7, ncol=min(8, max(1, len(models))), loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title(f"{title} (hatched: validation)", pad=22)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,6 +58,7 @@ def plot_learning_curves(histories: dict[str, dict[str, list[float]]], path: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = sorted({k.split("_", 1)[1] for h in histories.values() for k in h if "_" in k})
     metrics = metrics or keys
@@ -72,6 +73,7 @@ def plot_learning_curves(histories: dict[str, dict[str, list[float]]], path: str
                             label=model_id if kind == "val" else None, marker="o", markersize=3)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
