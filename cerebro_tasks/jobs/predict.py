@@ -91,8 +91,10 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
                 .collect())
     seconds = time.time() - started
     predicted = sum(r["predicted"] for r in rows)
-    summary = {"predictions_url": out_url, "model_name": model_name, "subjects": [r["subject"] for r in rows],
+    summary = {"predictions_url": out_url, "model_name": model_name, "subjects": len(rows),
                "windows_predicted": predicted, "seconds": round(seconds, 2),
-               "windows_per_second": round(predicted / seconds, 1) if seconds > 0 else None, "per_subject": rows}
+               "windows_per_second": round(predicted / seconds, 1) if seconds > 0 else None}
+    # the per-subject detail stays beside the files; only the totals travel on (XCom stays small)
+    Store(out_url).write_json({**summary, "per_subject": rows}, "_summary.json")
     log.info("predicted %d windows of %d subjects in %.1f s -> %s", predicted, len(rows), seconds, out_url)
     return summary

@@ -1,0 +1,95 @@
+"""The whole DAG, end to end, through `airflow dags test` on tiny generated data.
+
+Real Airflow (SQLite), real spark-submit jobs on local Spark, real Petastorm files, real Keras
+training with models hopping between two Spark workers, a real export and real CHAP files. The
+exported model must then beat the majority class on subjects it has never seen.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CONF = {"search_space": {"learning_rate": [0.003, 0.001], "amp_factor": [0.25], "l2": [0.0001], "window_minutes": [3]},
+        "num_epochs": 2, "num_workers": 2, "batch_size": 16}
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd[:4])} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dag_run(airflow_env):
+    home = airflow_env["CEREBRO_HOME"]
+    run(["cerebro-tasks", "synth", "--out", f"{home}/h5", "--subjects", "6", "--days", "2",
+         "--windows-per-day", "720", "--seed", "7"], airflow_env)
+    run(["airflow", "db", "migrate"], airflow_env, timeout=300)
+    proc = run(["airflow", "dags", "test", "deeppostures_model_selection", "-c", json.dumps(CONF)], airflow_env)
+    return home, proc.stdout + proc.stderr
+
+
+def test_dag_run_succeeds(dag_run):
+    _, log = dag_run
+    finished = [line for line in log.splitlines() if "DagRun Finished" in line]
+    assert finished and "state=success" in finished[-1], finished
+
+
+def test_artefacts_of_every_task(dag_run):
+    home, _ = dag_run
+    assert os.path.exists(f"{home}/dataset/_cerebro_manifest.json")
+    run_id = open(f"{home}/exports/LATEST").read().strip()
+    run_dir = f"{home}/store/runs/{run_id}"
+    for name in ("result.json", "history.json", "summary.md", "learning_curves.png", "timeline.png"):
+        assert os.path.exists(f"{run_dir}/{name}"), name
+    result = json.load(open(f"{run_dir}/result.json"))
+    assert result["models"] == 2 and not result["failed_models"]
+    # models hopped: both workers trained both models
+    records = json.load(open(f"{run_dir}/timeline.json"))["records"]
+    for model in ("m000", "m001"):
+        assert {r["partition"] for r in records if r["unit"]["model_id"] == model and r["unit"]["kind"] == "train"} == {0, 1}
+    export = f"{home}/exports/{run_id}"
+    meta = json.load(open(f"{export}/metadata.json"))
+    assert meta["model_id"] == result["best_model_id"]
+    assert os.path.isdir(f"{export}/saved_model") and os.path.exists(f"{export}/model.keras")
+    csvs = sorted(glob.glob(f"{home}/predictions/deeppostures-{run_id}/*.csv"))
+    assert [os.path.basename(c) for c in csvs] == [f"S000{i}.csv" for i in range(1, 7)]
+    assert open(csvs[0]).readline().strip() == "segment,timestamp,prediction"
+    assert glob.glob(f"{home}/predictions/deeppostures-{run_id}/parquet/subject=S0001/*.parquet")
+
+
+def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
+    """Held-out subjects generated with another seed: the exported model, not the training run."""
+    home, _ = dag_run
+    import keras
+
+    from cerebro_tasks.data.h5format import list_h5_files, read_h5
+    from cerebro_tasks.data.sequences import build_training_sequences
+    from cerebro_tasks.data.synth import synthesize
+    from cerebro_tasks.deeppostures import custom_objects
+    from cerebro_tasks.models.metrics import balanced_accuracy
+
+    synthesize(str(tmp_path / "heldout"), subjects=3, days=2, seed=99, windows_per_day=720, subject_prefix="H")
+    days = [read_h5(p) for _, _, p in list_h5_files(str(tmp_path / "heldout"))]
+    table = {"id": np.concatenate([[d.subject] * d.num_windows for d in days]),
+             "time": np.concatenate([d.time for d in days]).astype(np.int64),
+             "data": np.concatenate([d.data for d in days]).astype(np.float32),
+             **{k: np.concatenate([getattr(d, k) for d in days]).astype(np.int32) for k in ("non_wear", "sleeping", "label")}}
+    run_id = open(f"{home}/exports/LATEST").read().strip()
+    model = keras.saving.load_model(f"{home}/exports/{run_id}/model.keras", custom_objects=custom_objects())
+    x, y = build_training_sequences(table, int(model.input_shape[1]))
+    pred = np.argmax(model.predict(x, verbose=0), axis=-1)
+    majority = max(np.mean(y == 0), np.mean(y == 1))
+    accuracy = float(np.mean(pred == y))
+    bacc = balanced_accuracy(y.reshape(-1), pred.reshape(-1))
+    print(f"held-out: accuracy {accuracy:.3f} (majority {majority:.3f}), balanced accuracy {bacc:.3f}")
+    assert bacc > 0.7
+    assert accuracy > majority
