@@ -158,6 +158,11 @@ class MopDriver:
         while not server.joined.empty():
             conn, hello = server.joined.get()
             partition = hello.payload["partition"]
+            for old, info in list(self._worker_info.items()):
+                # a new attempt of a partition's task supersedes the old one (Spark restarted the
+                # stage): forget the old worker even if its connection has not dropped yet
+                if old in self._conns and info["partition"] == partition:
+                    self._lose_worker(old)
             self._joined += 1
             worker_id = f"p{partition}.{self._joined}"
             self._conns[worker_id] = conn
