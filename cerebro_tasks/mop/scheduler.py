@@ -3,16 +3,19 @@
 The Spark runtime owns the workers and the clock; this module owns only the decision of which
 unit runs where. The runtime reports events (``worker_joined``, ``worker_left``,
 ``unit_finished``, ``unit_failed``, ``add_model``, ``stop_model``) and then calls ``assign()``,
-which returns the units to dispatch to idle workers. Standard library only, no I/O, no clock:
-the same seed and the same event sequence give the same assignments, and ``state_dict()`` /
-``from_state_dict()`` round-trip everything, including the RNG.
+which returns the units to dispatch to idle workers. Standard library only, no I/O, no clock,
+not thread-safe (the driver serialises calls): the same seed and the same event sequence give
+the same assignments, and ``state_dict()`` / ``from_state_dict()`` round-trip everything,
+including the RNG.
 
-Units (see docs/design.md, "The MOP contract"):
+Units (docs/design.md, "The MOP contract"):
 
 * ``train`` unit: model ``m`` trains one sub-epoch on partition ``p``. It reads ``ckpt-<step>``
   and writes ``ckpt-<step+1>``, where ``step`` is the number of train units of ``m`` finished
   before it. Within an epoch a model visits every partition exactly once, in any order, and a
-  model never runs two train units at once (its SGD stays sequential).
+  model never runs two train units at once (its SGD stays sequential). A train unit's step is
+  fixed when it is dispatched: a unit lost with its worker may come back with a later step if
+  the model meanwhile trained on other partitions.
 * ``val`` unit: model ``m`` is evaluated on validation partition ``p`` with the immutable
   checkpoint ``ckpt-<(e+1)*P>`` of epoch ``e``. The ``P`` val units of epoch ``e`` become runnable
   once epoch ``e``'s ``P`` train units are done; they may run on several workers at once and
@@ -20,30 +23,40 @@ Units (see docs/design.md, "The MOP contract"):
 * Partition ``p`` (train and val) lives on exactly one worker; its units run only there and wait
   while no worker owns ``p``.
 
-Each model advances on its own: there is no barrier between epochs or between training and
-validation.
+Each model advances on its own: no barrier between epochs or between training and validation.
+Every policy is work-conserving: after ``assign()`` no idle worker has a runnable unit.
 
 Policies (``policy=``):
 
-* ``"critical"`` (default): longest remaining work first. Among idle models that still need a
-  free partition, the model with the most remaining training work (remaining train units times
-  its observed mean unit time, plus one val unit) goes first; before any duration is observed
-  this is the remaining unit count. Work-conserving list scheduling that starts the longest
-  chains first keeps the makespan near max(total work / W, longest chain); starting an expensive
-  model late is what stretches the makespan of uniform random choice. Val units never extend a
-  model's training chain, so by default they are *filler*: a worker runs one only when no train
-  unit is runnable on its partition (oldest epoch first). Because each model-epoch has exactly one
-  val unit per partition, the filler is spread evenly over the workers and soaks up the gaps
-  that the "one worker per model" rule creates. ``eager_validation=True`` flips this (val before
-  train) when fresh validation metrics matter more than makespan, e.g. for aggressive early
-  stopping. Ties are broken with the seeded RNG.
+* ``"critical"`` (default): list scheduling by remaining work. A model's *chain* is its
+  remaining train units times its observed mean unit time, plus one val unit (before any
+  duration is reported: its remaining unit count). A model is *critical* when its chain is at
+  least ``CRITICAL_MARGIN`` x the run's remaining work per live worker, i.e. when the chain
+  rather than the total work bounds the makespan; while no more models are training than there
+  are workers, all of them are. Each ``assign()`` places, in order:
+
+  1. train units of critical models, longest chain first: delaying them delays the run;
+  2. val units, oldest epoch first: they are short, never lengthen a chain, and early stopping
+     and TPE wait for their metrics;
+  3. the other train units, longest chain first (they have slack).
+
+  With ``val_priority="filler"`` it is 3 (all models) then 2: val runs only where no train
+  unit can, which is within noise of the default on makespan but leaves models' final metrics
+  about a fifth of the run late (bench/scheduler_sim.py). Starting the longest chains first is
+  what keeps the makespan near max(total work / W, longest chain); uniform random choice starts
+  expensive models late and their chains stick out past the rest. A model with several free
+  partitions takes the one fewest lower-priority models want. Ties go to the seeded RNG.
 * ``"random"``: the original Cerebro rule: an idle worker takes a uniformly random runnable unit
   (train or val) of its partition.
 
-Affinity (``affinity=True``): at an epoch boundary the worker that just ran a model's last
-sub-epoch still holds that model in memory; if that model is the next one placed and it may run
-there, it stays, which saves one checkpoint load. It never changes *which* models run, only
-where, and it only applies when it costs no priority (the model would be placed now anyway).
+Affinity (``affinity=True``): a worker keeps the weights of the last unit it ran in memory: the
+weights after a train unit (``ckpt-<step+1>``) or the checkpoint a val unit read. A unit that
+reads exactly that checkpoint of that model needs no load; this happens when a model continues
+on the same worker at an epoch boundary, or is validated on the worker that just finished its
+epoch. When a model has several free partitions, it takes the one holding it; among the val
+units of a free worker, the one it holds goes first. Affinity only changes *where* and never
+*whether* a model runs, so it costs no priority. ``affinity_hits`` counts dispatches that can
+skip the load; the runtime applies the same rule (same model and same step as its last unit).
 
 Failures: ``worker_left`` puts the running unit back without charging a retry (losing a worker
 is not the unit's fault). ``unit_failed`` charges one retry to that unit; after
@@ -58,17 +71,25 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["HopScheduler", "ModelStatus", "SchedulerError", "Unit", "POLICIES"]
+__all__ = ["HopScheduler", "ModelStatus", "SchedulerError", "Unit", "POLICIES", "VAL_PRIORITIES"]
 
 POLICIES = ("critical", "random")
+VAL_PRIORITIES = ("auto", "filler")
 
 # Model states. "pending": added, nothing dispatched yet; "running": some unit dispatched;
 # terminal ones: "done", "stopped", "failed".
 _TERMINAL = ("done", "stopped", "failed")
 
 _STATE_VERSION = 1
-PROTECT_K = 3
-PROTECT_THETA = 1.0
+
+# Val/train unit cost assumed until a val unit has been timed: validation is forward-only
+# (about 1/3 of a forward+backward pass over the same rows). Only the size of the "+ one val
+# unit" term of a model's remaining work depends on it.
+VAL_COST_PRIOR = 1 / 3
+# A model counts as critical when its chain is at least this share of the run's remaining work
+# per worker: estimates are noisy, and a nearly critical model that yields to val units becomes
+# the critical one (bench/scheduler_sim.py: 0.8 and 1.0 are within noise, 0.8 slightly ahead).
+CRITICAL_MARGIN = 0.8
 
 
 class SchedulerError(ValueError):
@@ -136,9 +157,6 @@ class _Model:
     def step(self, num_partitions: int) -> int:
         return self.epoch * num_partitions + len(self.visited)
 
-    def remaining_train(self, num_partitions: int) -> int:
-        return max(0, (self.num_epochs - self.epoch) * num_partitions - len(self.visited))
-
     def n_running(self) -> int:
         return (self.train_worker is not None) + len(self.val_running)
 
@@ -198,6 +216,16 @@ class HopScheduler:
             for worker_id, unit in s.assign(): dispatch(worker_id, unit)
             if (msg := s.explain_idle()): log(msg)
             event = wait_for_event()   # -> s.unit_finished(...), s.worker_left(...), ...
+
+    Args:
+        num_partitions: P; partition p is owned by one worker at a time (``worker_joined``).
+        seed: seeds the RNG that breaks ties (and drives ``policy="random"``).
+        validate: schedule P val units per model-epoch; False: training only.
+        policy: ``"critical"`` or ``"random"`` (the original Cerebro choice).
+        affinity: prefer placements that reuse the weights a worker holds in memory.
+        val_priority: ``"auto"`` (val units before train units that have slack) or
+            ``"filler"`` (val units only where no train unit can run).
+        max_unit_retries: ``unit_failed`` re-runs of one unit before its model is failed.
     """
 
     def __init__(
@@ -208,7 +236,7 @@ class HopScheduler:
         validate: bool = True,
         policy: str = "critical",
         affinity: bool = True,
-        eager_validation: bool = False,
+        val_priority: str = "auto",
         max_unit_retries: int = 2,
     ) -> None:
         if num_partitions < 1:
@@ -222,20 +250,25 @@ class HopScheduler:
         self.validate = bool(validate)
         self.policy = policy
         self.affinity = bool(affinity)
-        self.eager_validation = bool(eager_validation)
+        if val_priority not in VAL_PRIORITIES:
+            raise SchedulerError(f"unknown val_priority {val_priority!r}; choose one of "
+                                 f"{VAL_PRIORITIES}")
+        self.val_priority = val_priority
         self.max_unit_retries = int(max_unit_retries)
         self._rng = random.Random(self.seed)
         self._models: dict[str, _Model] = {}
+        self._live: dict[str, _Model] = {}  # models not yet done/stopped/failed, in add order
         self._workers: dict[str, int] = {}  # live worker -> partition
         self._owner: dict[int, str] = {}  # partition -> live worker
         self._running: dict[str, Unit] = {}  # worker -> unit in flight
-        self._held: dict[str, str] = {}  # worker -> model whose weights it holds in memory
+        # worker -> (model, step) of the weights it holds in memory (see Affinity)
+        self._held: dict[str, tuple[str, int]] = {}
         # Run-wide duration sums: the estimate for models not yet observed.
         self._train_sum = 0.0
         self._train_n = 0
         self._val_sum = 0.0
         self._val_n = 0
-        self.affinity_hits = 0  # dispatches that reused in-memory weights (saved ckpt loads)
+        self.affinity_hits = 0  # dispatches that can reuse in-memory weights (ckpt loads saved)
 
     # ------------------------------------------------------------------ models
     def add_model(self, model_id: str, num_epochs: int) -> None:
@@ -244,7 +277,9 @@ class HopScheduler:
             raise SchedulerError(f"model {model_id!r} was already added")
         if int(num_epochs) < 1:
             raise SchedulerError(f"num_epochs must be >= 1, got {num_epochs}")
-        self._models[model_id] = _Model(model_id, int(num_epochs), order=len(self._models))
+        m = _Model(model_id, int(num_epochs), order=len(self._models))
+        self._models[model_id] = m
+        self._live[model_id] = m
 
     def stop_model(self, model_id: str) -> None:
         """Early-stop a model: its pending units are dropped and it counts as done at once.
@@ -255,8 +290,7 @@ class HopScheduler:
         m = self._model(model_id)
         if m.terminal:
             return
-        m.state = "stopped"
-        m.val_todo.clear()
+        self._end(m, "stopped")
 
     # ----------------------------------------------------------------- workers
     def worker_joined(self, worker_id: str, partition: int) -> None:
@@ -298,8 +332,7 @@ class HopScheduler:
         m = self._models[unit.model_id]
         self._release(m, unit)
         if m.terminal:
-            self._maybe_finish(m)
-            return None
+            return None  # stopped/failed: nothing to re-run
         self._requeue(m, unit)
         return unit
 
@@ -312,8 +345,7 @@ class HopScheduler:
         if duration is not None and duration >= 0:
             self._observe(m, unit.kind, float(duration))
         self._complete(m, unit)
-        if unit.kind == "train":
-            self._held[worker_id] = m.model_id
+        self._held[worker_id] = (m.model_id, unit.step + (unit.kind == "train"))
 
     def unit_failed(self, worker_id: str, unit: Unit) -> bool:
         """``unit`` failed on ``worker_id``; it goes back to pending and one retry is charged.
@@ -330,11 +362,9 @@ class HopScheduler:
         key = _retry_key(unit)
         m.retries[key] = m.retries.get(key, 0) + 1
         if m.terminal:
-            self._maybe_finish(m)
             return False
         if m.retries[key] > self.max_unit_retries:
-            m.state = "failed"
-            m.val_todo.clear()
+            self._end(m, "failed")
             return False
         self._requeue(m, unit)
         return True
@@ -368,169 +398,137 @@ class HopScheduler:
         """Dispatch decisions for all idle workers that have runnable work.
 
         Work-conserving: after the call no idle worker has a runnable unit on its partition.
-        The caller must dispatch every returned (worker_id, unit); they count as running.
+        The returned units count as running: the caller must dispatch every one of them.
         """
-        idle = {p: w for w, p in self._workers.items() if w not in self._running}
+        idle = {p: w for w, p in sorted(self._workers.items(), key=lambda wp: wp[1])
+                if w not in self._running}
         if not idle:
             return []
+        out: list[tuple[str, Unit]] = []
         if self.policy == "random":
-            out = self._assign_random(idle)
+            self._assign_random(idle, out)
         else:
-            out = []
-            if self.eager_validation:
-                out += self._assign_val(idle)
-            out += self._assign_train(idle)
-            if not self.eager_validation:
-                out += self._assign_val(idle)
-        for worker_id, unit in out:
-            self._dispatch(worker_id, unit)
+            chain, per_worker = self._chains()
+            if self.val_priority == "auto":
+                if len(chain) <= len(self._workers):
+                    critical = set(chain)  # each training model could have a worker to itself
+                else:
+                    critical = {mid for mid, c in chain.items()
+                                if c >= CRITICAL_MARGIN * per_worker}
+                self._assign_train(idle, out, chain, among=critical)
+                self._assign_val(idle, out)
+                self._assign_train(idle, out, chain)
+            else:
+                self._assign_train(idle, out, chain)
+                self._assign_val(idle, out)
         return out
 
-    def _assign_train(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
-        """Longest remaining work first; each model goes to a free partition it still needs.
+    def _chains(self) -> tuple[dict[str, float], float]:
+        """Remaining chain of each model still training, and the run's remaining work per live
+        worker (a model is critical when its chain is close to the latter).
 
-        Partitions that a running critical model still needs this epoch are *protected*: they
-        get the shortest runnable unit instead (see ``_protected``).
+        Unit times are a model's observed means; for a model not yet timed the run's means (TPE
+        adds models mid-run); before anything is timed 1 per train unit, so chains are unit
+        counts. Val units may be deferred early on, so until one is timed a val unit costs
+        VAL_COST_PRIOR x a train unit. Runs on every assign(): kept to one cheap pass.
         """
+        P = self.num_partitions
+        run_t = self._train_sum / self._train_n if self._train_n else 1.0
+        val_ratio = (self._val_sum / self._val_n / run_t
+                     if self._val_n and self._train_n else VAL_COST_PRIOR)
+        total = 0.0
+        chain = {}
+        for m in self._live.values():
+            t = m.train_sum / m.train_n if m.train_n else run_t
+            rem = (m.num_epochs - m.epoch) * P - len(m.visited)
+            total += rem * t
+            v = 0.0
+            if self.validate:
+                v = m.val_sum / m.val_n if m.val_n else t * val_ratio
+                val_left = (m.num_epochs - m.epoch) * P
+                for todo in m.val_todo.values():
+                    val_left += len(todo)
+                total += val_left * v
+            if rem > 0:
+                chain[m.model_id] = rem * t + v
+        return chain, total / max(1, len(self._workers))
+
+    def _assign_train(self, idle: dict[int, str], out: list[tuple[str, Unit]],
+                      chain: dict[str, float], among: set[str] | None = None) -> None:
+        """Longest remaining chain first; each model goes to a free partition it still needs."""
         cands = []
-        for m in self._models.values():
-            if m.terminal or m.train_worker is not None or m.epoch >= m.num_epochs:
+        for m in self._live.values():
+            if (m.model_id not in chain or m.train_worker is not None
+                    or (among is not None and m.model_id not in among)):
                 continue
             if any(p not in m.visited for p in idle):
-                cands.append((-self._remaining_work(m), self._rng.random(), m))
-        protected = self._protected(idle) if PROTECT_K else set()
-        if not cands and not protected:
-            return []
+                cands.append((-chain[m.model_id], self._rng.random(), m))
         cands.sort(key=lambda c: (c[0], c[1]))
         # How many candidates could use each free partition: when a model has a choice, it
-        # takes the partition fewest others want, so the rest are not stranded.
-        demand = {p: 0 for p in idle}
+        # takes the partition fewest lower-priority models want, so those are not stranded.
+        demand = dict.fromkeys(idle, 0)
         for _, _, m in cands:
             for p in idle:
-                if p not in m.visited:
-                    demand[p] += 1
-        out = []
-        placed: set[str] = set()
+                demand[p] += p not in m.visited
         for _, _, m in cands:
             if not idle:
                 break
-            options = [p for p in idle if p not in m.visited and p not in protected]
+            options = [p for p in idle if p not in m.visited]
             if options:
                 p = self._pick_partition(m, options, idle, demand)
-                out.append((idle.pop(p), self._train_unit(m, p)))
-                placed.add(m.model_id)
+                self._dispatch(idle.pop(p), self._train_unit(m, p), out)
             for q in options:
                 demand[q] -= 1
-        for q in sorted(protected):
-            if q not in idle:
-                continue
-            best = None
-            for _, _, m in cands:
-                if m.model_id not in placed and q not in m.visited:
-                    key = (self._unit_estimate(m, "train"), self._rng.random())
-                    if best is None or key < best[0]:
-                        best = (key, m, None)
-            for m in self._models.values():
-                if m.terminal:
-                    continue
-                for e, todo in m.val_todo.items():
-                    if q in todo:
-                        key = (self._unit_estimate(m, "val"), self._rng.random())
-                        if best is None or key < best[0]:
-                            best = (key, m, e)
-                        break
-            if best is not None:
-                _, m, e = best
-                if e is None:
-                    out.append((idle.pop(q), self._train_unit(m, q)))
-                    placed.add(m.model_id)
-                else:
-                    out.append((idle.pop(q), self._val_unit(m, e, q)))
-        return out
-
-    def _protected(self, idle: dict[int, str]) -> set[int]:
-        """Free partitions that a running *critical* model still needs in its current epoch.
-
-        A model is critical when its remaining chain is at least PROTECT_THETA x (remaining
-        work of the whole run / live workers): it, not the total work, bounds the makespan.
-        When it finishes its running unit it must find one of its unvisited partitions free,
-        or it waits; so those workers run short units meanwhile.
-        """
-        W = max(1, len(self._workers))
-        total = 0.0
-        chains = []
-        for m in self._models.values():
-            if m.terminal:
-                continue
-            t = self._unit_estimate(m, "train")
-            v = self._unit_estimate(m, "val") if self.validate else 0.0
-            rem = m.remaining_train(self.num_partitions)
-            val_left = (sum(len(x) for x in m.val_todo.values())
-                        + (m.num_epochs - m.epoch) * self.num_partitions) if self.validate else 0
-            total += rem * t + val_left * v
-            if m.train_worker is not None and rem > 0:
-                chains.append((rem * t + v, m))
-        out: set[int] = set()
-        for chain, m in chains:
-            if chain >= PROTECT_THETA * total / W:
-                need = [p for p in range(self.num_partitions) if p not in m.visited]
-                if len(need) <= PROTECT_K:
-                    out.update(p for p in need if p in idle)
-        return out
 
     def _pick_partition(self, m: _Model, options: list[int], idle: dict[int, str],
                         demand: dict[int, int]) -> int:
         if self.affinity:
+            here = (m.model_id, m.step(self.num_partitions))
             for p in options:
-                if self._held.get(idle[p]) == m.model_id:
-                    self.affinity_hits += 1
+                if self._held.get(idle[p]) == here:
                     return p
         if len(options) == 1:
             return options[0]
         return min(options, key=lambda p: (demand[p], self._rng.random()))
 
-    def _assign_val(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
-        """Val units on free partitions, oldest epoch first (fresh metrics for early stopping)."""
-        out = []
+    def _assign_val(self, idle: dict[int, str], out: list[tuple[str, Unit]]) -> None:
+        """Each free worker takes a val unit of its partition: the one whose checkpoint it holds
+        in memory, else the oldest epoch (fresh metrics for early stopping); ties by RNG."""
+        P = self.num_partitions
         for p in sorted(idle):
+            held = self._held.get(idle[p]) if self.affinity else None
             best = None
-            for m in self._models.values():
-                if m.terminal:
+            for m in self._live.values():
+                # val_todo is in epoch order: the first hit is the oldest pending epoch.
+                e = next((e for e, todo in m.val_todo.items() if p in todo), None)
+                if e is None:
                     continue
-                for e, todo in m.val_todo.items():
-                    if p in todo:
-                        key = (e, self._rng.random())
-                        if best is None or key < best[0]:
-                            best = (key, m, e)
-                        break  # val_todo is in epoch order: the first hit is the oldest
+                hit = False
+                if held is not None and held[0] == m.model_id and held[1] % P == 0:
+                    he = held[1] // P - 1  # the epoch whose checkpoint the worker holds
+                    if p in m.val_todo.get(he, ()):
+                        e, hit = he, True
+                key = (not hit, e, self._rng.random())
+                if best is None or key < best[0]:
+                    best = (key, m, e)
             if best is not None:
                 _, m, e = best
-                out.append((idle.pop(p), self._val_unit(m, e, p)))
-        return out
+                self._dispatch(idle.pop(p), self._val_unit(m, e, p), out)
 
-    def _assign_random(self, idle: dict[int, str]) -> list[tuple[str, Unit]]:
+    def _assign_random(self, idle: dict[int, str], out: list[tuple[str, Unit]]) -> None:
         """The original rule: each idle worker (random order) takes a uniformly random unit."""
-        taken: set[str] = set()
-        out = []
         parts = sorted(idle)
         self._rng.shuffle(parts)
         for p in parts:
             options: list[Unit] = []
-            for m in self._models.values():
-                if m.terminal:
-                    continue
-                if (m.train_worker is None and m.model_id not in taken
-                        and m.epoch < m.num_epochs and p not in m.visited):
+            for m in self._live.values():
+                if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited:
                     options.append(self._train_unit(m, p))
                 for e, todo in m.val_todo.items():
                     if p in todo:
                         options.append(self._val_unit(m, e, p))
             if options:
-                unit = self._rng.choice(options)
-                if unit.kind == "train":
-                    taken.add(unit.model_id)
-                out.append((idle.pop(p), unit))
-        return out
+                self._dispatch(idle.pop(p), self._rng.choice(options), out)
 
     # ------------------------------------------------------------------ status
     @property
@@ -553,9 +551,12 @@ class HopScheduler:
         return dict(self._workers)
 
     def model_ids(self) -> list[str]:
+        """All models ever added, in add order."""
         return list(self._models)
 
     def model_status(self, model_id: str) -> ModelStatus:
+        """State, progress and timing of one model; ``validated_epochs`` tells early stopping
+        which epochs have all their val metrics."""
         m = self._model(model_id)
         P = self.num_partitions
         running = [(w, u) for w, u in self._running.items() if u.model_id == model_id]
@@ -650,9 +651,10 @@ class HopScheduler:
             elif not active:
                 parts.append(f"{head}: all models are done, stopped or failed")
             elif len(training) < W:
+                n = len(training)
                 parts.append(
-                    f"{head}: only {len(training)} model(s) training and a model trains on one "
-                    f"worker at a time (MOP); add models or use fewer workers"
+                    f"{head}: only {n} model{' is' if n == 1 else 's are'} training and a model "
+                    f"trains on one worker at a time (MOP); add models or use fewer workers"
                     + ("; validation units fill idle workers when available" if self.validate
                        else ""))
             else:
@@ -675,31 +677,37 @@ class HopScheduler:
             "validate": self.validate,
             "policy": self.policy,
             "affinity": self.affinity,
-            "eager_validation": self.eager_validation,
+            "val_priority": self.val_priority,
             "max_unit_retries": self.max_unit_retries,
             "rng": [version, list(internal), gauss_next],
             "models": [m.to_dict() for m in self._models.values()],
             "workers": [[w, p] for w, p in self._workers.items()],
             "running": [[w, u.to_dict()] for w, u in self._running.items()],
-            "held": [[w, mid] for w, mid in self._held.items()],
+            "held": [[w, mid, step] for w, (mid, step) in self._held.items()],
             "durations": [self._train_sum, self._train_n, self._val_sum, self._val_n],
             "affinity_hits": self.affinity_hits,
         }
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> HopScheduler:
+        """The exact scheduler ``state_dict()`` was taken from, units in flight included.
+
+        For a resume after a driver crash, prefer a fresh scheduler plus ``restore_finished``
+        replay of the journal: units that were in flight then are simply pending again.
+        """
         if d.get("version") != _STATE_VERSION:
             raise SchedulerError(f"unsupported scheduler state version {d.get('version')!r}")
         s = cls(d["num_partitions"], seed=d["seed"], validate=d["validate"], policy=d["policy"],
-                affinity=d["affinity"], eager_validation=d["eager_validation"],
+                affinity=d["affinity"], val_priority=d["val_priority"],
                 max_unit_retries=d["max_unit_retries"])
         version, internal, gauss_next = d["rng"]
         s._rng.setstate((version, tuple(internal), gauss_next))
         s._models = {md["model_id"]: _Model.from_dict(md) for md in d["models"]}
+        s._live = {mid: m for mid, m in s._models.items() if not m.terminal}
         s._workers = {w: int(p) for w, p in d["workers"]}
         s._owner = {p: w for w, p in s._workers.items()}
         s._running = {w: Unit.from_dict(u) for w, u in d["running"]}
-        s._held = {w: mid for w, mid in d["held"]}
+        s._held = {w: (mid, int(step)) for w, mid, step in d["held"]}
         s._train_sum, s._train_n, s._val_sum, s._val_n = d["durations"]
         s.affinity_hits = d["affinity_hits"]
         return s
@@ -717,24 +725,22 @@ class HopScheduler:
     def _val_unit(self, m: _Model, e: int, p: int) -> Unit:
         return Unit(m.model_id, e, "val", p, (e + 1) * self.num_partitions)
 
-    def _dispatch(self, worker_id: str, unit: Unit) -> None:
+    def _dispatch(self, worker_id: str, unit: Unit, out: list[tuple[str, Unit]]) -> None:
         m = self._models[unit.model_id]
+        if self._held.get(worker_id) == (unit.model_id, unit.step):
+            self.affinity_hits += 1
         self._running[worker_id] = unit
         if m.state == "pending":
             m.state = "running"
         if unit.kind == "train":
             m.train_worker = worker_id
-            # The model moves on: copies other workers hold become stale (older weights).
-            for w in [w for w, held in self._held.items() if held == m.model_id]:
-                del self._held[w]
         else:
             todo = m.val_todo[unit.epoch]
             todo.discard(unit.partition)
             if not todo:
                 del m.val_todo[unit.epoch]
             m.val_running[(unit.epoch, unit.partition)] = worker_id
-        # The worker now holds this model's weights (or a val copy); any other model is evicted.
-        self._held.pop(worker_id, None)
+        out.append((worker_id, unit))
 
     def _take_running(self, worker_id: str, unit: Unit) -> None:
         running = self._running.get(worker_id)
@@ -792,11 +798,16 @@ class HopScheduler:
             m.state = "running"
         self._maybe_finish(m)
 
+    def _end(self, m: _Model, state: str) -> None:
+        m.state = state
+        m.val_todo.clear()  # pending units are dropped; in-flight ones may still report
+        self._live.pop(m.model_id, None)
+
     def _maybe_finish(self, m: _Model) -> None:
         if m.terminal:
             return
         if m.epoch >= m.num_epochs and not m.val_todo and not m.val_running:
-            m.state = "done"
+            self._end(m, "done")
 
     def _observe(self, m: _Model, kind: str, duration: float) -> None:
         if kind == "train":
@@ -810,34 +821,8 @@ class HopScheduler:
             self._val_sum += duration
             self._val_n += 1
 
-    def _unit_estimate(self, m: _Model, kind: str) -> float:
-        """Expected seconds of one unit of ``m``: its observed mean, else the run's, else 1."""
-        if m.train_n:
-            t = m.train_sum / m.train_n
-        elif self._train_n:
-            t = self._train_sum / self._train_n  # unseen model: assume the run's average
-        else:
-            t = 1.0
-        if kind == "train":
-            return t
-        if m.val_n:
-            return m.val_sum / m.val_n
-        if self._val_n and self._train_n:
-            return t * (self._val_sum / self._val_n) / (self._train_sum / self._train_n)
-        return t
-
-    def _remaining_work(self, m: _Model) -> float:
-        """Estimated seconds left on the model's chain: remaining train units + one val unit.
-
-        Before any duration is known every unit costs 1, i.e. remaining unit count.
-        """
-        v = self._unit_estimate(m, "val") if self.validate else 0.0
-        return m.remaining_train(self.num_partitions) * self._unit_estimate(m, "train") + v
-
     def _runnable_on(self, p: int) -> bool:
-        for m in self._models.values():
-            if m.terminal:
-                continue
+        for m in self._live.values():
             if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited:
                 return True
             if any(p in todo for todo in m.val_todo.values()):

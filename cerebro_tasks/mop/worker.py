@@ -76,9 +76,10 @@ class UnitRunner:
     def _model_at(self, spec: ModelSpec, step: int) -> tuple[Any, bool]:
         import keras
 
-        if self._held is not None and self._held[0] == spec.model_id and self._held[1] == step:
-            return self._held[2], True
-        self._held = None  # free the previous model before building or loading the next one
+        held, self._held = self._held, None  # until the unit succeeds, this worker holds nothing trusted
+        if held is not None and held[0] == spec.model_id and held[1] == step:
+            return held[2], True
+        del held  # free the previous model before building or loading the next one
         keras.backend.clear_session()
         if step == 0:
             keras.utils.set_random_seed(spec.seed)

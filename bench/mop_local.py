@@ -1,0 +1,105 @@
+"""MOP on this machine: 2 Spark workers vs the same models trained one after another on one worker.
+
+Measures worker utilisation (busy / (W x makespan)), hop overhead (gaps between units on a worker
+plus checkpoint load and save, as a fraction of unit compute time) and the equivalence of the final
+validation loss, with units long enough (>= 5 s) for the goals of issue 4 to apply. Writes
+bench/results/mop_local.json and a timeline plot beside it.
+
+    python bench/mop_local.py [--rows 120000] [--models 4] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cerebro_tasks.mop.runtime import run_mop  # noqa: E402
+from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload  # noqa: E402
+from cerebro_tasks.mop.timeline import plot_timeline  # noqa: E402
+from cerebro_tasks.mop.workload import ModelSpec  # noqa: E402
+from cerebro_tasks.spark_session import get_spark  # noqa: E402
+
+WORKERS = 2
+
+
+def sequential(workload: SyntheticWorkload, specs: list[ModelSpec]) -> dict:
+    """Each model alone on one worker (all cores), visiting the partitions in order every epoch."""
+    import keras
+
+    data = {(k, p): workload.load_partition(k, p) for k in ("train", "val") for p in range(WORKERS)}
+    started = time.time()
+    out = {}
+    for spec in specs:
+        keras.utils.set_random_seed(spec.seed)
+        model = workload.build_model(spec)
+        for epoch in range(spec.num_epochs):
+            for p in range(WORKERS):
+                inputs = workload.inputs(data["train", p], spec, training=True, seed=spec.seed * 100_003 + epoch * WORKERS + p)
+                model.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
+        losses = [(model.evaluate(data["val", p]["x"], data["val", p]["y"], verbose=0, return_dict=True)["loss"],
+                   len(data["val", p]["y"])) for p in range(WORKERS)]
+        out[spec.model_id] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    return {"seconds": time.time() - started, "final_val_loss": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=120_000, help="training rows per partition (sets unit length)")
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+
+    workload = SyntheticWorkload(rows_per_partition=args.rows, features=32, batch_size=64)
+    lrs = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-2]
+    specs = [ModelSpec(f"m{i}", {"lr": lrs[i % len(lrs)], "hidden": 32}, args.epochs, seed=i) for i in range(args.models)]
+    spark = get_spark("bench-mop-local", master=f"local[{WORKERS}]")
+    with tempfile.TemporaryDirectory() as d:
+        started = time.time()
+        result = run_mop(spark, workload, specs, os.path.join(d, "run"), num_workers=WORKERS, seed=0)
+        mop_seconds = time.time() - started
+    spark.stop()
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    plot_path = os.path.join(ROOT, "bench", "results", "mop_local_timeline.png")
+    plot_timeline(result.records, plot_path, title=f"MOP, {args.models} models x {args.epochs} epochs on {WORKERS} workers")
+
+    import tensorflow as tf  # the baseline gets the whole machine, as a single worker would
+
+    tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 2)
+    seq = sequential(workload, specs)
+    train_units = [r["compute_s"] for r in result.records if r["unit"]["kind"] == "train"]
+    f = result.figures
+    mop_loss = {m: h["val_loss"][-1] for m, h in result.histories.items()}
+    figures = {
+        "workers": WORKERS, "models": args.models, "epochs": args.epochs, "rows_per_partition": args.rows,
+        "median_train_unit_s": statistics.median(train_units),
+        "mop_wall_s": round(mop_seconds, 2), "mop_makespan_s": round(f["makespan_s"], 2),
+        "utilisation": round(f["utilisation"], 4), "compute_utilisation": round(f["compute_utilisation"], 4),
+        "hop_overhead": round(f["hop_overhead"], 4), "gap_s": round(f["gap_s"], 3),
+        "checkpoint_io_s": round(f["checkpoint_io_s"], 3), "reused_models": f["reused_models"],
+        "sequential_s": round(seq["seconds"], 2),
+        "speedup_vs_sequential": round(seq["seconds"] / f["makespan_s"], 3),
+        "final_val_loss_mop": mop_loss, "final_val_loss_sequential": seq["final_val_loss"],
+        "max_abs_val_loss_diff": max(abs(mop_loss[m] - seq["final_val_loss"][m]) for m in mop_loss),
+        "timeline_png": os.path.relpath(plot_path, ROOT),
+    }
+    with open(os.path.join(ROOT, "bench", "results", "mop_local.json"), "w") as fh:
+        json.dump(figures, fh, indent=1, sort_keys=True)
+    print(f"MOP on {WORKERS} workers: {args.models} models x {args.epochs} epochs, median train unit "
+          f"{figures['median_train_unit_s']:.1f} s")
+    print(f"  makespan {figures['mop_makespan_s']:.1f} s, utilisation {figures['utilisation']:.3f}, "
+          f"hop overhead {figures['hop_overhead']:.3f} (gaps {figures['gap_s']:.2f} s, checkpoint I/O "
+          f"{figures['checkpoint_io_s']:.2f} s, {figures['reused_models']} reloads saved)")
+    print(f"  sequential on one worker: {figures['sequential_s']:.1f} s -> speed-up {figures['speedup_vs_sequential']:.2f}x")
+    print(f"  final val loss, MOP vs sequential: max difference {figures['max_abs_val_loss_diff']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
