@@ -78,7 +78,7 @@ def cmd_predict(args: argparse.Namespace) -> Any:
 
     return predict(_spark(args, "cerebro-predict"), dataset_url=args.dataset, model_url=args.model,
                    predictions_url=args.predictions, model_name=args.model_name, subjects=args.subjects,
-                   padding=args.padding, include_label=args.include_label)
+                   only_new=args.which == "new", padding=args.padding, include_label=args.include_label)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an export folder (holding model.keras)")
     p.add_argument("--predictions", required=True)
     p.add_argument("--model-name", required=True)
-    p.add_argument("--subjects", nargs="*", default=None)
+    p.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: every subject)")
+    p.add_argument("--which", choices=["all", "new"], default="all",
+                   help="new: skip subjects an earlier run already predicted (<predictions>/_predicted_subjects.json)")
     p.add_argument("--padding", default="drop", choices=["drop", "zero", "wrap"])
     p.add_argument("--include-label", action="store_true")
     return parser

@@ -2,6 +2,11 @@
 
     check_params -> convert -> split -> train (MOP) -> export -> predict
 
+Runs daily, and whenever `deeppostures_ingest` announces new data (the `deeppostures_windows`
+Asset). Each run converts what has arrived (a no-op when ingest already did), trains on all
+current data, and writes predictions for the subjects no earlier run has predicted; backfills
+(`airflow backfill create --dag-id deeppostures_model_selection ...`) do the same per logical date.
+
 Every Spark step is a spark-submit of `cerebro-tasks <step>` through the `spark_default`
 connection (local mode by default; a standalone, YARN or Kubernetes master by changing the
 connection, not the code). Paths of one DAG run are keyed by its run id, so runs never share
@@ -11,21 +16,18 @@ travel through XCom. This file imports nothing heavy: parsing it needs Airflow a
 
 from __future__ import annotations
 
-import os
-
 import pendulum
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
+from cerebro_assets import DATASET_URL, H5_ROOT, HOME, WINDOWS_DATASET
 from cerebro_operators import CerebroSparkSubmitOperator, MOPTrainingOperator
-
-HOME = os.environ.get("CEREBRO_HOME", os.path.expanduser("~/cerebro"))
 
 # The published DeepPostures search (shared/reference/deeppostures.md): 16 configurations.
 DEFAULT_SPACE = {"learning_rate": [1e-3, 1e-4], "l2": [1e-3, 1e-4], "amp_factor": [2, 4], "window_minutes": [7, 9]}
 
 PARAMS = {
-    "h5_root": Param(f"{HOME}/h5", type="string", minLength=1, description="Pre-processed H5 files: <root>/<subject>/<YYYY-MM-DD>.h5"),
-    "dataset_url": Param(f"{HOME}/dataset", type="string", minLength=1, description="Petastorm windows dataset (converted incrementally)"),
+    "h5_root": Param(H5_ROOT, type="string", minLength=1, description="Pre-processed H5 files: <root>/<subject>/<YYYY-MM-DD>.h5"),
+    "dataset_url": Param(DATASET_URL, type="string", minLength=1, description="Petastorm windows dataset (converted incrementally)"),
     "work_url": Param(f"{HOME}/work", type="string", minLength=1, description="Per-run prepared splits: <work>/<run_id>/"),
     "store_url": Param(f"{HOME}/store", type="string", minLength=1, description="Run store: <store>/runs/<run_id>/ (checkpoints, TensorBoard, plots)"),
     "export_url": Param(f"{HOME}/exports", type="string", minLength=1, description="Exported best models: <export>/<run_id>/ and LATEST"),
@@ -41,13 +43,14 @@ PARAMS = {
     "split_seed": Param(2019, type="integer", description="seeds the subject split (stable as subjects arrive)"),
     "val_fraction": Param(0.3, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
     "padding": Param("drop", enum=["drop", "zero", "wrap"], description="prediction of a segment's tail shorter than T"),
+    "predict_all": Param(False, type="boolean", description="predict every subject, not only those no run has predicted yet"),
     "gpus_per_worker": Param(0, type="integer", minimum=0, maximum=8),
 }
 
 with DAG(
     dag_id="deeppostures_model_selection",
     description="H5 -> Petastorm -> subject split -> MOP model selection -> export -> CHAP predictions",
-    schedule="@daily",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("@daily", timezone="UTC"), assets=[WINDOWS_DATASET]),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # runs share the incrementally converted dataset
@@ -118,7 +121,8 @@ with DAG(
                    "--model", "{{ ti.xcom_pull(task_ids='export')['export_url'] }}",
                    "--predictions", "{{ params.predictions_url }}",
                    "--model-name", "{{ ti.xcom_pull(task_ids='check_params')['model_name'] }}",
-                   "--padding", "{{ params.padding }}"],
+                   "--padding", "{{ params.padding }}",
+                   "--which", "{{ 'all' if params.predict_all else 'new' }}"],
     )
 
     paths >> convert >> split >> train

@@ -45,3 +45,29 @@ def test_dag_file_imports_nothing_heavy(airflow_env):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schedule_daily_or_on_new_data(dagbag):
+    dag = dagbag.dags["deeppostures_model_selection"]
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert "deeppostures_windows" in str(dag.timetable.asset_condition)
+    ingest = dagbag.dags["deeppostures_ingest"]
+    edges = {(t.task_id, d) for t in ingest.tasks for d in t.downstream_task_ids}
+    assert edges == {("convert", "announce")}
+    assert [a.name for a in ingest.get_task("announce").outlets] == ["deeppostures_windows"]
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_workers", 0), ("num_epochs", "ten"), ("search_kind", "bayes"), ("val_fraction", 1.5),
+    ("metric", "loss"), ("padding", "reflect"), ("batch_size", -1), ("search_space", {}),
+])
+def test_bad_params_are_rejected_naming_the_parameter(dagbag, name, value):
+    """What Airflow runs when a run is triggered with a conf (UI form, API, CLI)."""
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags["deeppostures_model_selection"].params)
+    with pytest.raises(ParamValidationError, match=f"param {name}"):
+        params.update({name: value})
+        params.validate()

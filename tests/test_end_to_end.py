@@ -28,25 +28,42 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def dag_run(airflow_env):
+def home(airflow_env):
     home = airflow_env["CEREBRO_HOME"]
-    run(["cerebro-tasks", "synth", "--out", f"{home}/h5", "--subjects", "6", "--days", "2",
-         "--windows-per-day", "720", "--seed", "7"], airflow_env)
+    synth(home, subjects=6, env=airflow_env)
     run(["airflow", "db", "migrate"], airflow_env, timeout=300)
-    proc = run(["airflow", "dags", "test", "deeppostures_model_selection", "-c", json.dumps(CONF)], airflow_env)
-    return home, proc.stdout + proc.stderr
+    return home
+
+
+def synth(home: str, subjects: int, env: dict[str, str]) -> None:
+    run(["cerebro-tasks", "synth", "--out", f"{home}/h5", "--subjects", str(subjects), "--days", "2",
+         "--windows-per-day", "720", "--seed", "7"], env)
+
+
+def dags_test(logical_date: str, conf: dict, env: dict[str, str], ok: bool = True) -> str:
+    cmd = ["airflow", "dags", "test", "deeppostures_model_selection", logical_date, "-c", json.dumps(conf)]
+    if ok:
+        proc = run(cmd, env)
+    else:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def dag_run(home, airflow_env):
+    log = dags_test("2024-03-05", CONF, airflow_env)
+    return home, log, open(f"{home}/exports/LATEST").read().strip()
 
 
 def test_dag_run_succeeds(dag_run):
-    _, log = dag_run
+    _, log, _ = dag_run
     finished = [line for line in log.splitlines() if "DagRun Finished" in line]
     assert finished and "state=success" in finished[-1], finished
 
 
 def test_artefacts_of_every_task(dag_run):
-    home, _ = dag_run
+    home, _, run_id = dag_run
     assert os.path.exists(f"{home}/dataset/_cerebro_manifest.json")
-    run_id = open(f"{home}/exports/LATEST").read().strip()
     run_dir = f"{home}/store/runs/{run_id}"
     for name in ("result.json", "history.json", "summary.md", "learning_curves.png", "timeline.png"):
         assert os.path.exists(f"{run_dir}/{name}"), name
@@ -68,7 +85,7 @@ def test_artefacts_of_every_task(dag_run):
 
 def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
     """Held-out subjects generated with another seed: the exported model, not the training run."""
-    home, _ = dag_run
+    home, _, run_id = dag_run
     import keras
 
     from cerebro_tasks.data.h5format import list_h5_files, read_h5
@@ -83,7 +100,6 @@ def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
              "time": np.concatenate([d.time for d in days]).astype(np.int64),
              "data": np.concatenate([d.data for d in days]).astype(np.float32),
              **{k: np.concatenate([getattr(d, k) for d in days]).astype(np.int32) for k in ("non_wear", "sleeping", "label")}}
-    run_id = open(f"{home}/exports/LATEST").read().strip()
     model = keras.saving.load_model(f"{home}/exports/{run_id}/model.keras", custom_objects=custom_objects())
     x, y = build_training_sequences(table, int(model.input_shape[1]))
     pred = np.argmax(model.predict(x, verbose=0), axis=-1)
@@ -93,3 +109,32 @@ def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
     print(f"held-out: accuracy {accuracy:.3f} (majority {majority:.3f}), balanced accuracy {bacc:.3f}")
     assert bacc > 0.7
     assert accuracy > majority
+
+
+def test_bad_search_space_fails_before_any_spark_job(home, airflow_env, tmp_path):
+    untouched = tmp_path / "dataset"
+    log = dags_test("2024-03-04", {**CONF, "search_space": {"learning_rate": []}, "dataset_url": str(untouched)},
+                    airflow_env, ok=False)
+    assert "search.space" in log and "learning_rate" in log
+    assert "spark-submit" not in log and not untouched.exists()  # check_params failed first
+
+
+def test_backfill_second_date_adds_subjects(dag_run, airflow_env):
+    """The next logical date sees two new subjects: trained on, and only they get predictions."""
+    home, _, first_run = dag_run
+    synth(home, subjects=8, env=airflow_env)  # S0001-S0006 rewritten byte for byte, S0007-S0008 new
+    dags_test("2024-03-06", CONF, airflow_env)
+    second_run = open(f"{home}/exports/LATEST").read().strip()
+    assert second_run != first_run
+    csvs = sorted(os.path.basename(p) for p in glob.glob(f"{home}/predictions/deeppostures-{second_run}/*.csv"))
+    assert csvs == ["S0007.csv", "S0008.csv"]
+    ledger = json.load(open(f"{home}/predictions/_predicted_subjects.json"))["subjects"]
+    assert sorted(ledger) == [f"S000{i}" for i in range(1, 9)]
+    # the subject split is stable: whoever trained in the first run still trains in the second
+    first = json.load(open(f"{home}/work/{first_run}/prepared/split.json"))
+    second = json.load(open(f"{home}/work/{second_run}/prepared/split.json"))
+    def members(split, name):
+        return {s for part in split["partitions"][name] for s in part["subjects"]}
+    assert members(first, "train") <= members(second, "train")
+    assert members(first, "val") <= members(second, "val")
+    assert len(members(second, "train") | members(second, "val")) == 8

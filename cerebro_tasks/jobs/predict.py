@@ -67,17 +67,29 @@ def list_subjects(spark: Any, dataset_url: str) -> list[str]:
     return sorted({str(s) for s in ids})
 
 
+LEDGER = "_predicted_subjects.json"
+
+
 def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: str, model_name: str,
-            subjects: list[str] | None = None, padding: str = "drop", include_label: bool = False,
-            batch_size: int = 256) -> dict[str, Any]:
-    """Write CHAP predictions for `subjects` (default: every subject in the dataset)."""
+            subjects: list[str] | None = None, only_new: bool = False, padding: str = "drop",
+            include_label: bool = False, batch_size: int = 256) -> dict[str, Any]:
+    """Write CHAP predictions for `subjects` (default: every subject in the dataset).
+
+    With `only_new`, subjects already predicted by an earlier run (the ledger
+    `<predictions>/_predicted_subjects.json`) are skipped: a scheduled or backfill run predicts
+    the subjects that arrived since, whichever DAG converted them.
+    """
     from cerebro_tasks.data.sequences import PADDING_MODES
     from cerebro_tasks.store import Store
 
     if padding not in PADDING_MODES:
         raise ValueError(f"padding: expected one of {PADDING_MODES}, got {padding!r}")
     started = time.time()
+    root = Store(predictions_url)
+    ledger = root.read_json(LEDGER) if root.exists(LEDGER) else {"subjects": {}}
     subjects = sorted(subjects) if subjects is not None else list_subjects(spark, dataset_url)
+    skipped = [s for s in subjects if s in ledger["subjects"]] if only_new else []
+    subjects = [s for s in subjects if s not in set(skipped)]
     out_url = Store(predictions_url).url_of(model_name)
     rows: list[dict[str, Any]] = []
     if subjects:
@@ -91,7 +103,12 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
                 .collect())
     seconds = time.time() - started
     predicted = sum(r["predicted"] for r in rows)
+    if rows:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ledger["subjects"].update({r["subject"]: {"model": model_name, "at": stamp} for r in rows})
+        root.write_json(ledger, LEDGER)
     summary = {"predictions_url": out_url, "model_name": model_name, "subjects": len(rows),
+               "skipped_already_predicted": len(skipped),
                "windows_predicted": predicted, "seconds": round(seconds, 2),
                "windows_per_second": round(predicted / seconds, 1) if seconds > 0 else None}
     # the per-subject detail stays beside the files; only the totals travel on (XCom stays small)

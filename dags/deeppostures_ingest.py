@@ -1,0 +1,46 @@
+"""Ingest newly arrived DeepPostures H5 files into the windows dataset; announce real changes.
+
+    convert -> announce (emits the `deeppostures_windows` Asset only if the dataset changed)
+
+Runs hourly. The conversion is incremental (a run with nothing new does no conversion work), so
+frequent runs are cheap; `deeppostures_model_selection` is triggered by the Asset event.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from cerebro_assets import DATASET_URL, H5_ROOT, WINDOWS_DATASET
+from cerebro_operators import CerebroSparkSubmitOperator
+
+with DAG(
+    dag_id="deeppostures_ingest",
+    description="Incremental H5 -> Petastorm conversion; emits an Asset event when the dataset changed",
+    schedule="@hourly",
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params={"h5_root": Param(H5_ROOT, type="string", minLength=1),
+            "dataset_url": Param(DATASET_URL, type="string", minLength=1)},
+    tags=["cerebro", "deeppostures"],
+    doc_md=__doc__,
+) as dag:
+    convert = CerebroSparkSubmitOperator(
+        task_id="convert",
+        step="convert",
+        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+    )
+
+    @task(outlets=[WINDOWS_DATASET])
+    def announce(report: dict) -> dict:
+        """Skipped (no Asset event) when the run converted or removed nothing."""
+        files = report.get("files", {})
+        changed = files.get("converted", 0) + files.get("removed", 0)
+        if not changed:
+            raise AirflowSkipException("no new, changed or deleted H5 files: nothing to announce")
+        return {"converted": files.get("converted", 0), "removed": files.get("removed", 0),
+                "version": report.get("version"), "windows": report.get("windows", {}).get("total")}
+
+    announce(convert.output)
