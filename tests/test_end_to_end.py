@@ -17,6 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CONF = {"search_space": {"learning_rate": [0.003, 0.001], "amp_factor": [0.25], "l2": [0.0001], "window_minutes": [3]},
         "num_epochs": 2, "num_workers": 2, "batch_size": 16}
 
@@ -138,3 +140,45 @@ def test_backfill_second_date_adds_subjects(dag_run, airflow_env):
     assert members(first, "train") <= members(second, "train")
     assert members(first, "val") <= members(second, "val")
     assert len(members(second, "train") | members(second, "val")) == 8
+
+
+RETRY_TASK = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from cerebro_operators import MOPTrainingOperator
+op = MOPTrainingOperator(task_id="train", config=sys.argv[1], run_id=sys.argv[2])
+print("XCOM " + json.dumps(op.execute({})))
+"""
+
+
+def test_training_task_retry_resumes_the_run(dag_run, airflow_env, tmp_path):
+    """Attempt 1 of the train task dies mid-search; attempt 2 (same run id) finishes from the journal."""
+    import signal
+    import sys
+    import time
+
+    from cerebro_tasks.mop.journal import Journal
+    from cerebro_tasks.store import Store
+
+    home, _, first_run = dag_run
+    config = {"prepared_url": f"{home}/work/{first_run}/prepared", "store_url": str(tmp_path / "store"),
+              "run_id": "placeholder", "num_workers": 2, "batch_size": 16,
+              "search": {"space": CONF["search_space"], "num_epochs": 2}}
+    cmd = [sys.executable, "-c", RETRY_TASK, json.dumps(config), "retry-run", os.path.join(ROOT, "plugins")]
+    journal = Journal(Store(str(tmp_path / "store" / "runs" / "retry-run")))
+    attempt1 = subprocess.Popen(cmd, env=airflow_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and len(journal.records()) < 3 and attempt1.poll() is None:
+        time.sleep(0.5)
+    os.killpg(attempt1.pid, signal.SIGKILL)  # the worker running the task dies with spark-submit and Spark
+    attempt1.wait()
+    done = len(journal.records())
+    total = 2 * 2 * (2 + 2)
+    assert 3 <= done < total
+    attempt2 = run(cmd, airflow_env)
+    xcom = json.loads(attempt2.stdout.split("XCOM ", 1)[1].splitlines()[0])
+    assert xcom["run_id"] == "retry-run" and xcom["best_model_id"] in ("m000", "m001")
+    assert len(journal.records()) == total
+    result = json.load(open(tmp_path / "store" / "runs" / "retry-run" / "result.json"))
+    assert result["units_run"] == total - done  # only what was not on record ran again
