@@ -13,13 +13,19 @@ Schema (the published cerebro-spark DeepPostures example, field for field)::
     label     int32         ScalarCodec(IntegerType)
 
 Storage of ``data``: NdarrayCodec, the published example's storage, chosen by measurement
-(``bench/convert.py``; figures in the module docstring of :mod:`cerebro_tasks.data.convert`).
-A plain Parquet ``list<float>`` column reads no faster once the codec cells are decoded in one
-vectorised step (every cell of a (100, 3) float32 array is the same 128-byte ``.npy`` header plus
-1,200 bytes, so a whole column is one strided view of the Parquet value buffer), it writes no
-faster, and Petastorm's row reader (``make_reader``) returns a list column flat, shape (300,),
-instead of (100, 3). Keeping the codec also means one format for datasets users converted with
-the published example and for ours. :func:`read_windows` reads both storages anyway.
+(``bench/convert.py``, "storage_choice": 311 k windows re-written one file per subject, 2
+shared cores, run-to-run noise +-30 %). With row groups of 8,640 rows the codec column wrote at
+~950 k windows/s against ~130 k/s for a plain ``list<float>`` column, and read back faster
+through :func:`read_windows` (~370 k/s vs ~230 k/s) and Petastorm's batch reader (~350 k/s vs
+~340 k/s): every cell of a (100, 3) float32 array is the same 128-byte ``.npy`` header plus
+1,200 bytes, so a whole column decodes as one strided view of the Parquet value buffer.
+Petastorm's row reader (``make_reader``) returns a list column flat, shape (300,), not
+(100, 3), and keeping the codec means one format for datasets users converted with the
+published example and for ours. :func:`read_windows` reads both anyway.
+
+Row groups: 8,640 rows (one full day, one row group per converted file). 1,024 and 8,640 read
+within the noise of each other; 65,536 read 40-55 % slower through every reader (and a
+Petastorm reader holds a whole row group per worker). Compression: see :func:`parquet_writer`.
 
 Readers:
 
@@ -86,10 +92,8 @@ DATA_SHAPE: tuple[int, int] = (100, 3)
 _DATA_CELL = DATA_SHAPE[0] * DATA_SHAPE[1]  # 300 float32 values per window
 MANIFEST_NAME = "_cerebro_manifest.json"
 
-# Rows per Parquet row group. 8,640 rows = one full day = about 11.5 MB of `data`: one row group
-# per H5 file, which is what the measurements in bench/convert.py favour (Petastorm reads and
-# shuffles whole row groups; fewer, ~10 MB groups cost nothing in read speed and keep the
-# per-group overhead of the row reader low, while the executor never holds more than one day).
+# Rows per Parquet row group: 8,640 = one full day = 11.5 MB of `data`, one row group per
+# converted file (measurements: module docstring). The converting task holds one day anyway.
 DEFAULT_ROW_GROUP_ROWS = 8_640
 
 # Per-column Parquet compression (see parquet_writer for the measurement behind it).
@@ -312,8 +316,9 @@ def parquet_writer(sink, schema: pa.Schema | None = None, compression=None) -> p
     """A ParquetWriter with the settings every windows file of the project uses.
 
     * ``data`` uncompressed, the small columns snappy (:data:`COMPRESSION`): accelerometer
-      floats barely compress (snappy saved 9 % on synthetic data, zstd 21 %) while snappy halved
-      the read rate of ``data`` (1.33 M vs 0.77 M windows/s, one core, bench/convert.py);
+      floats barely compress (snappy saved 8 %, zstd 21 %) while snappy more than halved the
+      read rate (1.30 M vs 0.56 M windows/s, one thread) and zstd cut the write rate 5x
+      (bench/convert.py, "compression_choice");
     * dictionary encoding for ``id`` only (one subject per file: one dictionary entry);
     * statistics for ``id`` and ``time`` only (min/max of ``data`` bytes are useless).
     """
@@ -338,7 +343,10 @@ def write_windows_file(fs: pafs.FileSystem, path: str, table: pa.Table, *,
                 writer.write_table(table, row_group_size=max(1, int(row_group_rows)))
         finally:
             writer.close()
-    num_row_groups = -(-table.num_rows // max(1, int(row_group_rows))) if table.num_rows else 1
+    # The footer, not arithmetic: Petastorm's metadata must match what is in the file exactly
+    # (an empty table, for one, is written as zero row groups).
+    with fs.open_input_file(path) as f:
+        num_row_groups = pq.ParquetFile(f).metadata.num_row_groups
     info = fs.get_file_info(path)
     return {"rows": table.num_rows, "row_groups": num_row_groups, "bytes": int(info.size or 0)}
 
@@ -387,8 +395,9 @@ def dataset_files(dataset_url: str, *, subjects: Sequence[str] | None = None) ->
     """Filesystem paths of the data files of a dataset, in reading order.
 
     A converted dataset (with ``_cerebro_manifest.json``): exactly the files its manifest lists,
-    ordered by (subject, date), only those of ``subjects`` when given. Otherwise every visible file of the folder (names starting with
-    ``_`` or ``.`` are metadata, checksums or in-flight writes), sorted by name as Petastorm does.
+    ordered by (subject, date), only those of ``subjects`` when given. Otherwise every visible
+    file of the folder (names starting with ``_`` or ``.`` are metadata, checksums or in-flight
+    writes), sorted by name as Petastorm does (``subjects`` is then applied by the reader).
     A URL naming a single Parquet file is that file.
     """
     store = Store(dataset_url)
