@@ -12,6 +12,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -130,12 +131,76 @@ class Store:
                 f.write(self.read_bytes(*parts))
             yield local
 
+    @contextmanager
+    def lock(self, *parts: str) -> Iterator[None]:
+        """Hold an exclusive lock file for the duration of the block.
+
+        Exclusive creation is atomic on local and NFS folders (O_EXCL); elsewhere it is a check
+        then a write, which only narrows the race. A lock whose owner process is gone (same host)
+        is taken over; any other live lock raises LockedError naming its owner.
+        """
+        import socket
+
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = self.path(*parts)
+        for _ in range(2):
+            try:
+                self._create_exclusive(path, json.dumps(owner).encode())
+                break
+            except FileExistsError:
+                held = self._lock_owner(*parts)
+                if held.get("host") == owner["host"] and not _pid_alive(int(held.get("pid", -1))):
+                    self.delete(*parts)  # its owner died without releasing it
+                    continue
+                raise LockedError(f"{self.url_of(*parts)} is held by {held}; another run is using this "
+                                  "location. Retry when it is done, or delete the lock file if no run is") from None
+        else:
+            raise LockedError(f"could not take {self.url_of(*parts)}")
+        try:
+            yield
+        finally:
+            self.delete(*parts)
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise FileExistsError(path)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def _lock_owner(self, *parts: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.read_bytes(*parts) or b"{}")
+        except (OSError, ValueError):
+            return {}
+
     def delete(self, *parts: str) -> None:
         info = self.fs.get_file_info(self.path(*parts))
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(*parts))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(*parts))
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

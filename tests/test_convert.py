@@ -346,3 +346,29 @@ def test_file_url_for_input_and_output(spark, h5_tree, tmp_path):
     report = convert("file://" + h5_tree, url, spark=spark)
     assert report["files"]["converted"] == 8
     _assert_dataset_equals_h5(pio.read_windows(url), _h5_days(h5_tree))
+
+
+def test_a_second_conversion_of_the_same_dataset_is_refused(tmp_path, h5_tree):
+    """The ingest and model-selection DAGs both convert: never two writers at once."""
+    from cerebro_tasks.data.convert import LOCK_NAME, convert
+    from cerebro_tasks.store import LockedError, Store
+
+    dataset = Store(str(tmp_path / "dataset"))
+    with dataset.lock(LOCK_NAME):
+        with pytest.raises(LockedError, match="held by .*pid"):
+            convert(h5_tree, dataset.url)
+    assert not dataset.exists(LOCK_NAME)  # released
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, h5_tree, spark):
+    import json
+    import socket
+
+    from cerebro_tasks.data.convert import LOCK_NAME, convert
+    from cerebro_tasks.store import Store
+
+    dataset = Store(str(tmp_path / "dataset"))
+    dataset.write_bytes(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345}).encode(), LOCK_NAME)
+    report = convert(h5_tree, dataset.url, spark=spark)
+    assert report["files"]["converted"] > 0 and not dataset.exists(LOCK_NAME)

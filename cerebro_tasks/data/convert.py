@@ -349,6 +349,9 @@ def _raise_tagged(err: BaseException) -> None:
         raise h5format.H5FormatError(info["path"], info["field"], info["problem"]) from None
 
 
+LOCK_NAME = "_cerebro_convert.lock"
+
+
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
             row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False) -> dict:
     """Convert (incrementally) every H5 day file under ``h5_root`` into the dataset at ``dataset_url``.
@@ -358,14 +361,25 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     (``[{"path", "field", "problem"}]``), ``version`` (the manifest's commit number, bumped only
     when the dataset changed), ``bytes_read``/``bytes_written``, ``peak_task_memory_mb``
     and ``seconds``. See the module docstring for the semantics.
+
+    One conversion at a time per dataset (the ingest and model-selection DAGs both convert):
+    a second one fails at once with :class:`~cerebro_tasks.store.LockedError` naming the holder.
     """
+    store = Store(dataset_url)
+    _refuse_foreign_folder(store)
+    with store.lock(LOCK_NAME):
+        return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
+                               row_group_rows=row_group_rows, measure_memory=measure_memory)
+
+
+def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verify: bool, row_group_rows: int,
+                    measure_memory: bool) -> dict:
     started = time.perf_counter()
+    dataset_url = store.url
     if spark is None:
         from cerebro_tasks.spark_session import get_spark
 
         spark = get_spark("cerebro-convert")
-    store = Store(dataset_url)
-    _refuse_foreign_folder(store)
     manifest = _load_manifest(store, h5_root, int(row_group_rows))
     old_files: dict[str, dict] = manifest["files"]
     old_quarantine: dict[str, dict] = manifest.get("quarantine", {})
