@@ -110,6 +110,7 @@ class Store:
         parent = posixpath.dirname(final)
         self.fs.create_dir(parent, recursive=True)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        self.fs.create_dir(tmp, recursive=True)  # copy_files does not create it for a flat folder
         pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         if self.exists(*parts):
             old = posixpath.join(parent, f".old-{uuid.uuid4().hex}")

@@ -117,11 +117,12 @@ class UnitRunner:
             metrics: dict[str, float] = {}
         elif training:
             hist = model.fit(inputs.x, inputs.y, sample_weight=inputs.sample_weight, batch_size=inputs.batch_size,
-                             epochs=1, shuffle=False, verbose=0)
+                             epochs=1, shuffle=False, verbose=0, callbacks=inputs.extra.get("callbacks"))
             metrics = {k: float(v[-1]) for k, v in hist.history.items()}
         else:
             metrics = {k: float(v) for k, v in model.evaluate(inputs.x, inputs.y, sample_weight=inputs.sample_weight,
                                                                 batch_size=inputs.batch_size, verbose=0,
+                                                                callbacks=inputs.extra.get("callbacks"),
                                                                 return_dict=True).items()}
         computed = time.time()
         if training:
