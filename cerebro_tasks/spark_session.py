@@ -15,6 +15,7 @@ __all__ = ["get_spark", "LOCAL_DEFAULTS"]
 # Only applied when this process creates the session. Why each one:
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.ui.enabled": "false",                 # no port to bind or leak in tests / Airflow workers
+    "spark.ui.showConsoleProgress": "false",     # progress bars garble logs; MOP logs its own progress
     "spark.driver.memory": "1g",                 # the driver only plans and collects small reports
     "spark.sql.shuffle.partitions": "8",         # 200 is for clusters; tiny local jobs drown in tasks
     "spark.sql.session.timeZone": "UTC",         # epoch seconds everywhere; never the host's zone

@@ -18,43 +18,88 @@ import numpy as np
 
 from cerebro_tasks.config import ConfigError, TrainConfig
 from cerebro_tasks.deeppostures import DeepPosturesWorkload
-from cerebro_tasks.mop.runtime import run_mop
+from cerebro_tasks.mop.runtime import MopDriver
 from cerebro_tasks.mop.timeline import plot_timeline
 from cerebro_tasks.mop.worker import checkpoint_name
 from cerebro_tasks.mop.workload import ModelSpec
 from cerebro_tasks.store import Store
 from cerebro_tasks.tune.report import markdown_table, plot_learning_curves, publish_png, summary_rows
 from cerebro_tasks.tune.selection import best_model, final_value, metric_mode
+from cerebro_tasks.tune.tensorboard import write_tensorboard
 from cerebro_tasks.tune.space import grid, parse_space, sample
 
 log = logging.getLogger("cerebro_tasks.train")
 
 
-def model_specs(config: TrainConfig) -> list[ModelSpec]:
-    """The configurations to train, with stable ids and seeds (same config, same models)."""
-    s = config.search
-    space = parse_space(s.space)
-    if s.kind == "grid":
-        configs = grid(space)
-    elif s.kind == "random":
-        configs = sample(space, int(s.num_models or 0), np.random.default_rng(s.seed))
-    else:
-        raise ConfigError(f"search.kind: {s.kind!r} is not supported by the DeepPostures job")
-    return [ModelSpec(model_id=f"m{i:03d}", params=c, num_epochs=s.num_epochs, seed=s.seed + i)
-            for i, c in enumerate(configs)]
+class SearchPlan:
+    """Which models to train: all at once (grid, random) or as results come in (TPE).
+
+    Model ids and seeds follow the order of proposal (`m000`, `m001`, ...), so the same
+    configuration file gives the same models, and a resumed run continues the numbering.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.search = config.search
+        self.space = parse_space(self.search.space)
+        self.proposed = 0
+        self.tpe = None
+        if self.search.kind == "tpe":
+            from cerebro_tasks.tune.tpe import TPEProposer
+
+            self.tpe = TPEProposer(self.space, seed=self.search.seed, metric_mode=metric_mode(self.search.metric))
+
+    def _spec(self, params: dict[str, Any]) -> ModelSpec:
+        spec = ModelSpec(model_id=f"m{self.proposed:03d}", params=params, num_epochs=self.search.num_epochs,
+                         seed=self.search.seed + self.proposed)
+        self.proposed += 1
+        return spec
+
+    def initial(self, known: dict[str, ModelSpec]) -> list[ModelSpec]:
+        """The first models; `known` are those of an earlier attempt of this run (resume)."""
+        self.proposed = len(known)
+        if self.search.kind == "grid":
+            configs = grid(self.space)
+        elif self.search.kind == "random":
+            configs = sample(self.space, int(self.search.num_models or 0), np.random.default_rng(self.search.seed))
+        else:
+            # TPE keeps `parallelism` models in flight and proposes one more each time one finishes
+            in_flight = self.search.parallelism or self.config.num_workers
+            configs = [None] * min(in_flight, int(self.search.num_models or 0))
+        fresh = configs[len(known):]
+        if self.tpe is not None:
+            fresh = self.tpe.propose(len(fresh)) if fresh else []
+        return [self._spec(c) for c in fresh]
+
+    def on_model_done(self, model_id: str, params: dict[str, Any], history: dict[str, list[float]]) -> list[ModelSpec]:
+        if self.tpe is None:
+            return []
+        self.tpe.observe(params, final_value(history, self.search.metric))
+        if self.proposed >= int(self.search.num_models or 0):
+            return []
+        return [self._spec(p) for p in self.tpe.propose(1)]
 
 
-def class_weight_from_split(prepared: Store) -> tuple[tuple[int, float], ...]:
-    """Balanced weights from the training label counts in split.json (1:1 when unknown)."""
-    try:
-        counts = prepared.read_json("split.json").get("train_label_counts", {})
-    except (FileNotFoundError, OSError):
-        counts = {}
-    c0, c1 = float(counts.get("0", 0)), float(counts.get("1", 0))
-    if c0 <= 0 or c1 <= 0:
+def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tuple[int, float], ...]:
+    """Balanced weights n / (2 n_c) from the label counts of the windows training can use.
+
+    A distributed count over three small Parquet columns of the training partitions: nothing but
+    two numbers reaches the driver, whatever the size of the study.
+    """
+    from pyspark.sql import functions as F
+
+    from cerebro_tasks.data.split import partition_url
+
+    paths = [partition_url(prepared_url, "train", p) for p in range(num_workers)]
+    df = spark.read.parquet(*paths).select("label", "sleeping", "non_wear")
+    rows = (df.where((F.col("sleeping") == 0) & (F.col("non_wear") == 0) & (F.col("label") >= 0))
+            .groupBy("label").count().collect())
+    counts = {int(r["label"]): int(r["count"]) for r in rows}
+    n = sum(counts.values())
+    if len(counts) < 2:
+        log.warning("training data holds labels %s only; class weights left at 1", sorted(counts))
         return ((0, 1.0), (1, 1.0))
-    n = c0 + c1
-    return ((0, n / (2 * c0)), (1, n / (2 * c1)))
+    return tuple((label, n / (len(counts) * c)) for label, c in sorted(counts.items()))
 
 
 def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
@@ -62,14 +107,26 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     config.validate()
     run = Store(config.run_url)
     run.write_json({"config": config_dict(config)}, "config.json")
-    workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size,
-                                    class_weight=class_weight_from_split(Store(config.prepared_url)))
-    specs = model_specs(config)
-    log.info("run %s: %d models x %d epochs on %d workers, selecting on %s (%s)", config.run_id, len(specs),
-             config.search.num_epochs, config.num_workers, config.search.metric, metric_mode(config.search.metric))
+    weights = class_weights(spark, config.prepared_url, config.num_workers)
+    log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
+    workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
+    driver = MopDriver(spark, workload, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
+                       max_job_attempts=config.max_job_attempts)
+    driver.resume()
+    plan = SearchPlan(config)
+    for spec in plan.initial(driver.specs):
+        driver.add(spec)
+    log.info("run %s: %s search, %d models x %d epochs on %d workers, selecting on %s (%s)", config.run_id,
+             config.search.kind, config.search.num_models or len(driver.specs), config.search.num_epochs,
+             config.num_workers, config.search.metric, metric_mode(config.search.metric))
+
+    def on_model_done(model_id: str, history: dict[str, list[float]]) -> list[ModelSpec]:
+        params = driver.specs[model_id].params
+        write_tensorboard(config.run_url, model_id, params, history, config.search.metric)
+        return plan.on_model_done(model_id, params, history)
+
     started = time.time()
-    result = run_mop(spark, workload, specs, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
-                     max_job_attempts=config.max_job_attempts)
+    result = driver.run(on_model_done)
     return finish(config, result, time.time() - started)
 
 

@@ -1,0 +1,41 @@
+"""Which models the DeepPostures job trains: stable ids and seeds, TPE proposing as results come in."""
+
+from __future__ import annotations
+
+from cerebro_tasks.config import TrainConfig
+from cerebro_tasks.jobs.train import SearchPlan
+
+
+def config(**search) -> TrainConfig:
+    return TrainConfig.from_dict({"prepared_url": "/p", "store_url": "/s", "run_id": "r", "num_workers": 2,
+                                  "search": {"space": {"learning_rate": {"loguniform": [-4, -2]}, "amp_factor": [1, 2]},
+                                             "num_epochs": 1, **search}})
+
+
+def test_grid_ids_and_seeds_are_stable_and_resume_continues_numbering():
+    c = TrainConfig.from_dict({"prepared_url": "/p", "store_url": "/s", "run_id": "r",
+                               "search": {"space": {"a": [1, 2, 3]}, "seed": 10}})
+    specs = SearchPlan(c).initial({})
+    assert [(s.model_id, s.params, s.seed) for s in specs] == [("m000", {"a": 1}, 10), ("m001", {"a": 2}, 11),
+                                                                ("m002", {"a": 3}, 12)]
+    resumed = SearchPlan(c).initial({s.model_id: s for s in specs[:2]})
+    assert [(s.model_id, s.params) for s in resumed] == [("m002", {"a": 3})]
+
+
+def test_random_search_is_reproducible():
+    a = [s.params for s in SearchPlan(config(kind="random", num_models=5)).initial({})]
+    b = [s.params for s in SearchPlan(config(kind="random", num_models=5)).initial({})]
+    assert a == b and len({round(p["learning_rate"], 12) for p in a}) == 5
+
+
+def test_tpe_keeps_parallelism_in_flight_and_proposes_until_num_models():
+    plan = SearchPlan(config(kind="tpe", num_models=5, parallelism=2, metric="val_loss"))
+    first = plan.initial({})
+    assert [s.model_id for s in first] == ["m000", "m001"]
+    more = plan.on_model_done("m000", first[0].params, {"val_loss": [0.5]})
+    assert [s.model_id for s in more] == ["m002"]
+    more += plan.on_model_done("m001", first[1].params, {"val_loss": [0.4]})
+    more += plan.on_model_done("m002", more[0].params, {"val_loss": [0.3]})
+    assert [s.model_id for s in more] == ["m002", "m003", "m004"] and plan.proposed == 5
+    assert plan.on_model_done("m003", more[1].params, {"val_loss": [0.2]}) == []  # num_models reached
+    assert plan.tpe.num_observed == 4
