@@ -5,7 +5,7 @@ each subject's windows from the dataset, building sequences, predicting, writing
 Parquet copy. The ceiling is the bare `model.predict` of the same sequences, already in memory,
 with the whole machine. Writes bench/results/predict.json.
 
-    python bench/predict.py [--subjects 8] [--days 2] [--windows-per-day 4320]
+    python bench/predict.py [--subjects 8] [--days 2] [--windows-per-day 8640]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--days", type=int, default=2)
-    parser.add_argument("--windows-per-day", type=int, default=4320)
+    parser.add_argument("--windows-per-day", type=int, default=8640, help="8640 = full days, as in real studies")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

@@ -42,13 +42,15 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
     subjects = list(subjects)
     if not subjects:
         return
+    _pin_devices()
     model = _load_model(model_url)
     window_size = int(model.input_shape[1])
+    predict_fn = fixed_batch(model.predict_on_batch, batch_size)
     out = Store(out_url)
     for subject in subjects:
         started = time.time()
         table = read_windows(dataset_url, subjects=[subject])
-        df = predict_subject(table, model.predict_on_batch, window_size=window_size, padding=padding,
+        df = predict_subject(table, predict_fn, window_size=window_size, padding=padding,
                              include_label=include_label, batch_size=batch_size)
         out.write_bytes(df.to_csv(index=False).encode(), f"{subject}.csv")
         buf = io.BytesIO()
@@ -57,6 +59,39 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
         sitting = int((df["prediction"] == "sitting").sum()) if len(df) else 0
         yield {"subject": subject, "windows": int(len(table["time"])), "predicted": int(len(df)),
                "sitting": sitting, "seconds": round(time.time() - started, 3)}
+
+
+def _pin_devices() -> None:
+    """Like a MOP worker: this task's GPU if Spark gave it one, else TensorFlow threads = its cores
+    (two tasks each using every core of the machine slow each other down)."""
+    from pyspark import TaskContext
+
+    from cerebro_tasks.mop.worker import configure_devices
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return
+    gpus = ctx.resources().get("gpu")
+    configure_devices(list(gpus.addresses) if gpus is not None else [], ctx.cpus())
+
+
+def fixed_batch(predict_on_batch: Any, batch_size: int) -> Any:
+    """Always call the model with `batch_size` rows (zero-padded), so TensorFlow traces it once.
+
+    Every subject's last batch is smaller than the others; each new shape would cost a retrace
+    (about as long as predicting thousands of windows).
+    """
+    import numpy as np
+
+    def predict(x: Any) -> Any:
+        n = len(x)
+        if n == batch_size:
+            return predict_on_batch(x)
+        padded = np.zeros((batch_size, *x.shape[1:]), dtype=x.dtype)
+        padded[:n] = x
+        return np.asarray(predict_on_batch(padded))[:n]
+
+    return predict
 
 
 def list_subjects(spark: Any, dataset_url: str) -> list[str]:
