@@ -48,7 +48,7 @@ _FAKE_SCRIPT = os.path.join(_REPO_ROOT, "scripts", "fake-gpu-discovery")
 # A copy of scripts/fake-gpu-discovery for installs without the repository's scripts/ folder.
 _FAKE_SCRIPT_TEXT = """#!/bin/sh
 # Spark resource discovery with fake addresses (written by cerebro_tasks.cluster).
-set -eu
+set -euf
 out=""
 for a in $(printf '%s' "${CEREBRO_FAKE_GPU_ADDRESSES:-}" | tr ',' ' '); do
   out="${out:+$out,}\\"$a\\""
