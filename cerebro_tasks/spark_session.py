@@ -6,6 +6,7 @@ submit command and an existing session is reused; by hand and in tests the defau
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Mapping
@@ -33,6 +34,8 @@ def get_spark(app_name: str = "cerebro-tasks", master: str | None = None,
     :data:`LOCAL_DEFAULTS`. Python workers run this interpreter (``PYSPARK_PYTHON`` is set to
     ``sys.executable`` unless already set) so executors see the same packages as the driver.
     """
+    # py4j logs every connection it closes at INFO, also from atexit after log streams are gone
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     _export_project_path()

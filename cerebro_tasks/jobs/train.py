@@ -23,7 +23,7 @@ from cerebro_tasks.mop.timeline import plot_timeline
 from cerebro_tasks.mop.worker import checkpoint_name
 from cerebro_tasks.mop.workload import ModelSpec
 from cerebro_tasks.store import Store
-from cerebro_tasks.tune.report import markdown_table, plot_learning_curves, publish_png, summary_rows
+from cerebro_tasks.tune.report import plot_learning_curves, publish_png, summary_markdown, summary_rows
 from cerebro_tasks.tune.selection import best_model, final_value, metric_mode
 from cerebro_tasks.tune.tensorboard import write_tensorboard
 from cerebro_tasks.tune.space import grid, parse_space, sample
@@ -141,12 +141,12 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     for r in result.records:
         per_model_s[r["unit"]["model_id"]] = per_model_s.get(r["unit"]["model_id"], 0.0) + r["end"] - r["start"]
     rows = summary_rows(result.histories, params, metric, per_model_s)
-    run.write_json({"metric": metric, "mode": metric_mode(metric), "models": rows, "figures": result.figures},
-                   "summary.json")
-    run.write_bytes((f"# Run {config.run_id}\n\nSelected on `{metric}` ({metric_mode(metric)}); best: **{best}**.\n\n"
-                     + markdown_table(rows, metric)
-                     + f"\nWall time {seconds:.1f} s; worker utilisation {result.figures.get('utilisation', 0):.2f}; "
-                     f"hop overhead {result.figures.get('hop_overhead', 0):.3f}.\n").encode(), "summary.md")
+    summary = {"search": config.search.kind, "run_id": config.run_id, "run_url": run.url_of(), "metric": metric,
+               "mode": metric_mode(metric), "best_model_id": best, "num_models": len(result.specs),
+               "num_epochs": config.search.num_epochs, "num_workers": config.num_workers, "seed": config.search.seed,
+               "wall_s": seconds, "figures": result.figures, "failed_models": result.failed_models, "models": rows}
+    run.write_json(summary, "summary.json")
+    run.write_bytes(summary_markdown(summary).encode(), "summary.md")
     publish_png(run, "learning_curves.png", lambda p: plot_learning_curves(result.histories, p, title=config.run_id))
     if result.records:
         publish_png(run, "timeline.png", lambda p: plot_timeline(result.records, p, title=f"MOP timeline {config.run_id}"))

@@ -255,7 +255,7 @@ class ModelSelection:
     def _finish(self, mop: Any) -> Any:
         from cerebro_tasks.mop.timeline import plot_timeline
         from cerebro_tasks.mop.worker import checkpoint_name
-        from cerebro_tasks.tune.report import plot_learning_curves, publish_png, summary_rows
+        from cerebro_tasks.tune.report import plot_learning_curves, publish_png, summary_markdown, summary_rows
         from cerebro_tasks.tune.result import ModelSelectionResult, SparkModel
 
         histories = mop.histories
@@ -395,33 +395,3 @@ def _hide_driver_gpus() -> None:
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # TensorFlow already initialised its devices, or is absent: leave it be
         pass
-
-
-def summary_markdown(summary: Mapping[str, Any]) -> str:
-    """A small Markdown page: what ran, the MOP figures, and one row per model, best first."""
-    key = summary["metric"]
-    rows = summary["models"]
-    fig = summary.get("figures") or {}
-    names = sorted({k for r in rows for k in r["params"]})
-    best_key = f"best_{key}"
-    cols = ["rank", "model_id", *names, "epochs", f"final {key}", f"best {key}", "train s"]
-    lines = [f"# {summary['search']} search `{summary['run_id']}`", "",
-             f"- best model: **{summary['best_model_id']}** by {key} ({'higher' if summary['mode'] == 'max' else 'lower'}"
-             " is better)",
-             f"- {summary['num_models']} models x {summary['num_epochs']} epochs on {summary['num_workers']} workers, "
-             f"wall {summary['wall_s']:.1f} s",
-             f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
-             f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s",
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [r.get("rank"), r["model_id"], *(r["params"].get(n) for n in names), r.get("epochs"), r.get(key),
-                 r.get(best_key), r.get("train_seconds")]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-

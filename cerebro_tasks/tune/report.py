@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 from cerebro_tasks.store import Store
 from cerebro_tasks.tune.selection import final_value, metric_mode, rank
@@ -32,22 +32,32 @@ def summary_rows(histories: dict[str, dict[str, list[float]]], params: dict[str,
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
-    if not rows:
-        return "_no models_\n"
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """A small Markdown page: what ran, the MOP figures, and one row per model, best first."""
+    key = summary["metric"]
+    rows = summary["models"]
+    fig = summary.get("figures") or {}
     names = sorted({k for r in rows for k in r["params"]})
-    cols = ["rank", "model_id", *names, "epochs", metric, "train_seconds"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    best_key = f"best_{key}"
+    cols = ["rank", "model_id", *names, "epochs", f"final {key}", f"best {key}", "train s"]
+    lines = [f"# {summary['search']} search `{summary['run_id']}`", "",
+             f"- best model: **{summary['best_model_id']}** by {key} ({'higher' if summary['mode'] == 'max' else 'lower'}"
+             " is better)",
+             f"- {summary['num_models']} models x {summary['num_epochs']} epochs on {summary['num_workers']} workers, "
+             f"wall {summary['wall_s']:.1f} s",
+             f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
+             f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r.get("rank"), r["model_id"], *(r["params"].get(n) for n in names), r["epochs"], r.get(metric),
-                 r.get("train_seconds", "")]
+        cells = [r.get("rank"), r["model_id"], *(r["params"].get(n) for n in names), r.get("epochs"), r.get(key),
+                 r.get(best_key), r.get("train_seconds")]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return "" if math.isnan(v) else f"{v:.4g}"
     return "" if v is None else str(v)
 
 
