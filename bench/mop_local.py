@@ -5,7 +5,7 @@ plus checkpoint load and save, as a fraction of unit compute time) and the equiv
 validation loss, with units long enough (>= 5 s) for the goals of issue 4 to apply. Writes
 bench/results/mop_local.json and a timeline plot beside it.
 
-    python bench/mop_local.py [--rows 120000] [--models 4] [--epochs 2]
+    python bench/mop_local.py [--rows 300000] [--models 4] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def sequential(workload: SyntheticWorkload, specs: list[ModelSpec]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=120_000, help="training rows per partition (sets unit length)")
+    parser.add_argument("--rows", type=int, default=300_000, help="training rows per partition (sets unit length: ~9 s)")
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
