@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cerebro_tasks.store import LockedError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
             folder, name = os.path.split(args.result_file.rstrip("/"))
             Store(folder or ".").write_json(result, name)
-    except ValueError as e:  # bad input: a clear message, no traceback
+    except (ValueError, FileNotFoundError, LockedError) as e:  # bad input or a busy dataset: a clear message
         print(f"cerebro-tasks {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,8 +32,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def export_best(run_url: str, export_url: str, *, dataset_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export the model named in `<run>/result.json`; returns the metadata written."""
+def data_manifest(prepared_url: str) -> dict[str, Any]:
+    """What the model was trained on: the dataset and its version, and the subjects of each split."""
+    prepared = Store(prepared_url)
+    if not prepared.exists("split.json"):
+        return {"prepared_url": prepared_url}
+    split = prepared.read_json("split.json")
+    return {
+        "prepared_url": prepared_url,
+        "dataset_url": split.get("dataset_url"),
+        "dataset_version": split.get("key", {}).get("dataset_version"),
+        "split_seed": split.get("key", {}).get("seed"),
+        "subjects": {name: sorted(s for part in parts for s in part["subjects"])
+                     for name, parts in split.get("partitions", {}).items()},
+        "windows": {name: sum(part["windows"] for part in parts) for name, parts in split.get("partitions", {}).items()},
+    }
+
+
+def export_best(run_url: str, export_url: str) -> dict[str, Any]:
+    """Export the model named in `<run>/result.json`; returns the small summary (XCom)."""
     import keras
 
     from cerebro_tasks.deeppostures import custom_objects
@@ -54,7 +71,7 @@ def export_best(run_url: str, export_url: str, *, dataset_manifest: dict[str, An
         "history": history[result["best_model_id"]],
         "all_histories": history,
         "config": config,
-        "data_manifest": dataset_manifest or {},
+        "data_manifest": data_manifest(config["prepared_url"]),
         "input_shape": list(model.input_shape),
         "output_shape": list(model.output_shape),
         "packages": package_versions(),

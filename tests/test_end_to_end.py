@@ -78,6 +78,9 @@ def test_artefacts_of_every_task(dag_run):
     export = f"{home}/exports/{run_id}"
     meta = json.load(open(f"{export}/metadata.json"))
     assert meta["model_id"] == result["best_model_id"]
+    manifest = meta["data_manifest"]
+    assert len(manifest["subjects"]["train"]) + len(manifest["subjects"]["val"]) == 6 and manifest["dataset_version"]
+    assert set(meta["history"]) >= {"train_loss", "val_loss", "val_balanced_accuracy"} and meta["packages"]["keras"]
     assert os.path.isdir(f"{export}/saved_model") and os.path.exists(f"{export}/model.keras")
     csvs = sorted(glob.glob(f"{home}/predictions/deeppostures-{run_id}/*.csv"))
     assert [os.path.basename(c) for c in csvs] == [f"S000{i}.csv" for i in range(1, 7)]
@@ -104,7 +107,13 @@ def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
              **{k: np.concatenate([getattr(d, k) for d in days]).astype(np.int32) for k in ("non_wear", "sleeping", "label")}}
     model = keras.saving.load_model(f"{home}/exports/{run_id}/model.keras", custom_objects=custom_objects())
     x, y = build_training_sequences(table, int(model.input_shape[1]))
-    pred = np.argmax(model.predict(x, verbose=0), axis=-1)
+    scores = model.predict(x, verbose=0)
+    pred = np.argmax(scores, axis=-1)
+    # the SavedModel (for serving without this package) gives the same answers
+    import tensorflow as tf
+
+    served = tf.saved_model.load(f"{home}/exports/{run_id}/saved_model").serve(tf.constant(x[:8]))
+    np.testing.assert_allclose(np.asarray(served), scores[:8], rtol=1e-4, atol=1e-5)
     majority = max(np.mean(y == 0), np.mean(y == 1))
     accuracy = float(np.mean(pred == y))
     bacc = balanced_accuracy(y.reshape(-1), pred.reshape(-1))
