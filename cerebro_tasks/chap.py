@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import time as _time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +48,8 @@ __all__ = [
     "to_class_ids",
     "format_timestamps",
     "predict_subject",
-    "write_csv_atomic",
+    "csv_bytes",
+    "write_csv",
 ]
 
 CHAP_LABELS: dict[int, str] = {0: "sitting", 1: "not-sitting", -1: "no-label"}
@@ -175,29 +175,14 @@ def _names(ids: np.ndarray, names: Mapping[int, str]) -> np.ndarray:
     return out
 
 
-def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write ``df`` as CSV (no index, ``\\n`` line ends) so readers never see a partial file.
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """The CSV as written: no index, ``\\n`` line ends, UTF-8."""
+    return df.to_csv(index=False, lineterminator="\n").encode("utf-8")
 
-    Writes a temporary file in the destination folder (same filesystem, so the rename is atomic),
-    fsyncs it, then ``os.replace``-s it over ``path``. The temporary file is created with mode
-    0666 minus the umask, so the result has the permissions of a normally written file. The
-    folder is created if missing. On failure the temporary file is removed and ``path`` is left
-    as it was.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            df.to_csv(f, index=False, lineterminator="\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write ``df`` so that readers never see a partial file (the store's write-then-rename)."""
+    from cerebro_tasks.store import Store
+
+    path = os.path.abspath(os.fspath(path))
+    Store(os.path.dirname(path)).write_bytes(csv_bytes(df), os.path.basename(path))

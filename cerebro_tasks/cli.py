@@ -7,8 +7,9 @@
     cerebro-tasks export  --run RUN_URL --output EXPORT_URL
     cerebro-tasks predict --dataset DATASET_URL --model EXPORT_FOLDER --predictions DIR --model-name NAME
 
-Each prints a JSON summary on stdout. Spark steps use `--master` (default local[*]); in a
-deployment the Airflow operators submit the same code with spark-submit.
+Each prints a JSON summary on stdout. Spark steps use `--master` (default: $SPARK_MASTER, else
+local[2]; local[W,3] for train); in a deployment the Airflow operators submit the same code with
+spark-submit, whose master wins.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable[[argparse.Namespace], Any], help_text: str, spark: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if spark:
-            p.add_argument("--master", default=None, help="Spark master (default local[*], or local[W] for train)")
+            p.add_argument("--master", default=None, help="Spark master (default $SPARK_MASTER or local[2]; local[W,3] for train)")
         p.set_defaults(fn=fn)
         commands[name] = fn
         return p
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cerebro_tasks.data.convert import ConversionError
+    from cerebro_tasks.mop.runtime import MopError
     from cerebro_tasks.store import LockedError
 
     args = build_parser().parse_args(argv)
@@ -148,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
             folder, name = os.path.split(args.result_file.rstrip("/"))
             Store(folder or ".").write_json(result, name)
-    except (ValueError, FileNotFoundError, LockedError) as e:  # bad input or a busy dataset: a clear message
+    except (ValueError, OSError, LockedError, ConversionError, MopError) as e:
+        if args.verbose:  # -v: the whole story, for a bug report
+            raise
+        # bad input, a missing file, a busy dataset, a cluster without enough slots: one clear line
         print(f"cerebro-tasks {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

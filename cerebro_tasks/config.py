@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cerebro_tasks.tune.space import parse_space
+from cerebro_tasks.tune.space import grid, parse_space
 
 SEARCH_KINDS = ("grid", "random", "tpe")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,127}$")
+# what plugins/cerebro_operators.safe_run_id produces; no ':' (HDFS rejects it in path names)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,13 @@ class SearchConfig:
             _check(isinstance(self.num_models, int) and self.num_models >= 1, "search.num_models",
                    f"an integer >= 1 for a {self.kind} search", self.num_models)
         _check(isinstance(self.seed, int), "search.seed", "an integer", self.seed)
+        _check(self.parallelism is None or (isinstance(self.parallelism, int) and self.parallelism >= 1),
+               "search.parallelism", "null or an integer >= 1", self.parallelism)
+        if self.kind == "grid":
+            try:
+                grid(parse_space(self.space))
+            except ValueError as e:
+                raise ConfigError(f"search.space: {e}") from None
         _check(isinstance(self.metric, str) and self.metric.startswith(("val_", "train_")), "search.metric",
                "a history key such as val_loss or val_balanced_accuracy", self.metric)
 
@@ -56,7 +64,6 @@ class TrainConfig:
     num_workers: int = 2
     batch_size: int = 16
     max_job_attempts: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_url(self) -> str:
@@ -66,11 +73,13 @@ class TrainConfig:
         _check(bool(self.prepared_url), "prepared_url", "the prepared split's location", self.prepared_url)
         _check(bool(self.store_url), "store_url", "a folder or URL for runs", self.store_url)
         _check(isinstance(self.run_id, str) and bool(_SAFE_ID.match(self.run_id)), "run_id",
-               "letters, digits and _.+:- (safe as a folder name)", self.run_id)
+               "letters, digits and _.- (safe as a folder name on any filesystem)", self.run_id)
         _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "num_workers", "an integer >= 1",
                self.num_workers)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1",
                self.batch_size)
+        _check(isinstance(self.max_job_attempts, int) and self.max_job_attempts >= 1, "max_job_attempts",
+               "an integer >= 1", self.max_job_attempts)
         self.search.validate()
         return self
 

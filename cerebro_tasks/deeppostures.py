@@ -27,6 +27,43 @@ PUBLISHED_BATCH_SIZE = 128
 PARAM_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-4, "l2": 0.0, "amp_factor": 1, "window_minutes": 7}
 
 
+# what every model of this workload reports (history keys are train_<name> and val_<name>)
+METRICS = ("loss", "accuracy", "balanced_accuracy")
+
+
+def check_search(space: dict[str, Any], metric: str) -> None:
+    """Fail before any Spark job on a space or metric this workload cannot train or report.
+
+    Every fixed choice is checked as the model builder will see it; for distributions, the range.
+    """
+    from cerebro_tasks.config import ConfigError
+    from cerebro_tasks.data.sequences import window_size_for
+    from cerebro_tasks.tune.space import parse_space
+
+    if metric.split("_", 1)[-1] not in METRICS or not metric.startswith(("train_", "val_")):
+        raise ConfigError(f"search.metric: expected train_ or val_ followed by one of {METRICS}, got {metric!r}")
+    try:
+        dims = parse_space(space)
+        model_params({name: None for name in dims})  # names only: unknown hyperparameters
+    except ValueError as e:
+        raise ConfigError(f"search.space: {e}") from None
+    positive = {"learning_rate": 0.0, "amp_factor": 0.0, "window_minutes": 0.0, "batch_size": 0.0}
+    for name, dim in dims.items():
+        values = list(dim.args[0]) if dim.kind == "choice" else []
+        if dim.kind in ("uniform", "quniform"):
+            values = [dim.args[0], dim.args[1]]
+        for v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"search.space: {name!r} must be numbers, got {v!r}")
+            if name in positive and v <= 0 or name == "l2" and v < 0:
+                raise ConfigError(f"search.space: {name!r} must be {'>= 0' if name == 'l2' else '> 0'}, got {v!r}")
+            if name == "window_minutes":
+                try:
+                    window_size_for(v)
+                except ValueError as e:
+                    raise ConfigError(f"search.space: window_minutes {v!r}: {e}") from None
+
+
 def model_params(params: dict[str, Any]) -> dict[str, Any]:
     """A configuration completed with the reference defaults (what the model is built from)."""
     unknown = set(params) - set(PARAM_DEFAULTS) - {"batch_size"}
@@ -69,7 +106,7 @@ class DeepPosturesWorkload:
         return build_model(spec.params, seed=spec.seed)
 
     def inputs(self, data: dict[str, Any], spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
-        from cerebro_tasks.models.cnn_bilstm import window_size_for
+        from cerebro_tasks.data.sequences import window_size_for
 
         p = model_params(spec.params)
         t = window_size_for(p["window_minutes"])

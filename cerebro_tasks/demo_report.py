@@ -10,17 +10,22 @@ import os
 import sys
 
 
+def _read(*path: str) -> str:
+    with open(os.path.join(*path)) as f:
+        return f.read()
+
+
 def report(home: str, seconds: float | None = None) -> str:
     exports = os.path.join(home, "exports")
-    run_id = open(os.path.join(exports, "LATEST")).read().strip()
+    run_id = _read(exports, "LATEST").strip()
     export_dir = os.path.join(exports, run_id)
-    meta = json.load(open(os.path.join(export_dir, "metadata.json")))
+    meta = json.loads(_read(export_dir, "metadata.json"))
     run_dir = os.path.join(home, "store", "runs", run_id)
-    result = json.load(open(os.path.join(run_dir, "result.json")))
+    result = json.loads(_read(run_dir, "result.json"))
     predictions = os.path.join(home, "predictions", f"deeppostures-{run_id}")
     csvs = sorted(f for f in os.listdir(predictions) if f.endswith(".csv")) if os.path.isdir(predictions) else []
     h = meta["history"]
-    last = {k: v[-1] for k, v in sorted(h.items()) if v}
+    last = {k: v[-1] for k, v in sorted(h.items()) if v and v[-1] is not None}
     lines = [
         "",
         "DeepPostures model selection finished" + (f" in {seconds:.0f} s" if seconds else "") + ".",

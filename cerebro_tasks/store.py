@@ -1,14 +1,16 @@
 """Where things live: local folders or any pyarrow filesystem URL (file://, hdfs://), with atomic publish.
 
 Every writer in the project goes through `Store` so that nothing half-written is ever visible: a file
-is written under a temporary name in the same folder and then renamed, which is atomic on POSIX
-filesystems and on HDFS.
+is written under a temporary name in the same folder and then renamed into place (atomic on POSIX
+filesystems; on HDFS, which does not rename over an existing file, Arrow removes the old file first).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pathlib
 import posixpath
 import shutil
 import tempfile
@@ -50,7 +52,7 @@ class Store:
     def url_of(self, *parts: str) -> str:
         """A URL for the location that Spark, Petastorm and pyarrow all accept."""
         if self.is_local:
-            return "file://" + self.path(*parts)
+            return pathlib.PurePosixPath(self.path(*parts)).as_uri()  # percent-encoded: spaces, '#', '%'...
         base = self.url.rstrip("/")
         return "/".join([base, *parts]) if parts else base
 
@@ -83,12 +85,19 @@ class Store:
         final = self.path(*parts)
         self.fs.create_dir(posixpath.dirname(final), recursive=True)
         tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:
+            if self.fs.get_file_info(tmp).type == pafs.FileType.File:
+                self.fs.delete_file(tmp)  # leave nothing behind but what was there before
+            raise
 
     def write_json(self, obj: Any, *parts: str) -> None:
-        self.write_bytes(json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode(), *parts)
+        """Strict JSON: NaN and infinities (a metric a model never reached) are written as null."""
+        text = json.dumps(_finite(obj), indent=1, sort_keys=True, default=_json_default, allow_nan=False)
+        self.write_bytes(text.encode(), *parts)
 
     def put_file(self, local_path: str, *parts: str) -> None:
         """Copy a local file into the store atomically."""
@@ -105,7 +114,12 @@ class Store:
             self.write_bytes(f.read(), *parts)
 
     def put_tree(self, local_dir: str, *parts: str) -> None:
-        """Publish a local folder as `parts` atomically: copy beside it, then rename over it."""
+        """Publish a local folder as `parts`: copied beside it in full, then renamed into place.
+
+        Readers never see a partial copy. Replacing an existing folder takes two renames (old
+        away, new in), so for that instant the path is missing; readers that must never miss it
+        should go through a pointer file (see export's LATEST).
+        """
         final = self.path(*parts)
         parent = posixpath.dirname(final)
         self.fs.create_dir(parent, recursive=True)
@@ -133,18 +147,20 @@ class Store:
             yield local
 
     @contextmanager
-    def lock(self, *parts: str) -> Iterator[None]:
+    def lock(self, *parts: str, wait_s: float = 0.0, poll_s: float = 2.0) -> Iterator[None]:
         """Hold an exclusive lock file for the duration of the block.
 
         Exclusive creation is atomic on local and NFS folders (O_EXCL); elsewhere it is a check
         then a write, which only narrows the race. A lock whose owner process is gone (same host)
-        is taken over; any other live lock raises LockedError naming its owner.
+        is taken over. A live one is waited for up to `wait_s` seconds, then LockedError names
+        its owner.
         """
         import socket
 
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path = self.path(*parts)
-        for _ in range(2):
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
                 self._create_exclusive(path, json.dumps(owner).encode())
                 break
@@ -153,10 +169,10 @@ class Store:
                 if held.get("host") == owner["host"] and not _pid_alive(int(held.get("pid", -1))):
                     self.delete(*parts)  # its owner died without releasing it
                     continue
-                raise LockedError(f"{self.url_of(*parts)} is held by {held}; another run is using this "
-                                  "location. Retry when it is done, or delete the lock file if no run is") from None
-        else:
-            raise LockedError(f"could not take {self.url_of(*parts)}")
+                if time.monotonic() >= deadline:
+                    raise LockedError(f"{self.url_of(*parts)} is held by {held}; another run is using this "
+                                      "location. Retry when it is done, or delete the lock file if no run is") from None
+                time.sleep(poll_s)
         try:
             yield
         finally:
@@ -208,6 +224,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

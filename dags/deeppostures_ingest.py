@@ -31,6 +31,7 @@ with DAG(
         task_id="convert",
         step="convert",
         step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+        xcom_keys=["dataset_url", "files", "windows", "subjects", "version", "seconds"],
     )
 
     @task(outlets=[WINDOWS_DATASET])

@@ -11,7 +11,8 @@ Every Spark step is a spark-submit of `cerebro-tasks <step>` through the `spark_
 connection (local mode by default; a standalone, YARN or Kubernetes master by changing the
 connection, not the code). Paths of one DAG run are keyed by its run id, so runs never share
 outputs; the windows dataset is shared and converted incrementally. Only paths, ids and figures
-travel through XCom. This file imports nothing heavy: parsing it needs Airflow alone.
+travel through XCom. Parsing this file needs Airflow and the cerebro_tasks package's light parts
+(no TensorFlow, Spark or Petastorm is imported until a task runs).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, t
 from cerebro_assets import DATASET_URL, H5_ROOT, HOME, WINDOWS_DATASET
 from cerebro_operators import CerebroSparkSubmitOperator, MOPTrainingOperator
 
-# The published DeepPostures search (shared/reference/deeppostures.md): 16 configurations.
-DEFAULT_SPACE = {"learning_rate": [1e-3, 1e-4], "l2": [1e-3, 1e-4], "amp_factor": [2, 4], "window_minutes": [7, 9]}
+# the published DeepPostures search (16 configurations, 10 epochs, batch 128); numpy-light import
+from cerebro_tasks.deeppostures import PUBLISHED_BATCH_SIZE, PUBLISHED_EPOCHS, PUBLISHED_SPACE
+
+
+# what travels through XCom; the full reports stay beside the data (quarantine, split.json)
+CONVERT_XCOM = ["dataset_url", "files", "windows", "subjects", "version", "seconds"]
+SPLIT_XCOM = ["dataset_url", "fractions", "imbalance", "empty_partitions", "seconds"]
 
 PARAMS = {
     "h5_root": Param(H5_ROOT, type="string", minLength=1, description="Pre-processed H5 files: <root>/<subject>/<YYYY-MM-DD>.h5"),
@@ -33,11 +39,11 @@ PARAMS = {
     "export_url": Param(f"{HOME}/exports", type="string", minLength=1, description="Exported best models: <export>/<run_id>/ and LATEST"),
     "predictions_url": Param(f"{HOME}/predictions", type="string", minLength=1, description="CHAP predictions: <predictions>/<model>/<subject>.csv"),
     "search_kind": Param("grid", enum=["grid", "random", "tpe"], description="grid: every combination; random: num_models draws; tpe: num_models proposed by TPE as results come in"),
-    "search_space": Param(DEFAULT_SPACE, type="object", minProperties=1, description="parameter -> list of choices, or {\"loguniform\": [low_exp, high_exp]} etc."),
+    "search_space": Param(PUBLISHED_SPACE, type="object", minProperties=1, description="parameter -> list of choices, or {\"loguniform\": [low_exp, high_exp]} etc."),
     "num_models": Param(None, type=["null", "integer"], minimum=1, description="random and TPE searches: configurations to train"),
-    "num_epochs": Param(10, type="integer", minimum=1, maximum=1000),
+    "num_epochs": Param(PUBLISHED_EPOCHS, type="integer", minimum=1, maximum=1000),
     "num_workers": Param(2, type="integer", minimum=1, maximum=1024, description="MOP workers = data partitions"),
-    "batch_size": Param(128, type="integer", minimum=1, maximum=65536, description="sequences per batch"),
+    "batch_size": Param(PUBLISHED_BATCH_SIZE, type="integer", minimum=1, maximum=65536, description="sequences per batch"),
     "metric": Param("val_loss", type="string", pattern="^(val|train)_[A-Za-z0-9_]+$", description="selection metric; direction follows the name"),
     "seed": Param(2019, type="integer", description="seeds the search, model initialisation and shuffles"),
     "split_seed": Param(2019, type="integer", description="seeds the subject split (stable as subjects arrive)"),
@@ -66,6 +72,7 @@ with DAG(
         from cerebro_operators import safe_run_id
 
         from cerebro_tasks.config import TrainConfig
+        from cerebro_tasks.deeppostures import check_search
 
         rid = safe_run_id(run_id or "manual")
         p = params or {}
@@ -78,6 +85,7 @@ with DAG(
             "search": {"space": p["search_space"], "kind": p["search_kind"], "num_models": p["num_models"],
                        "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"]},
         })
+        check_search(config.search.space, config.search.metric)  # hyperparameters the model knows
         return {"run_id": rid, "prepared_url": config.prepared_url, "run_url": config.run_url,
                 "model_name": f"deeppostures-{rid}", "train_config": config.to_json()}
 
@@ -87,11 +95,13 @@ with DAG(
         task_id="convert",
         step="convert",
         step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+        xcom_keys=CONVERT_XCOM,
     )
 
     split = CerebroSparkSubmitOperator(
         task_id="split",
         step="split",
+        xcom_keys=SPLIT_XCOM,
         step_args=["--dataset", "{{ params.dataset_url }}",
                    "--output", "{{ ti.xcom_pull(task_ids='check_params')['prepared_url'] }}",
                    "--workers", "{{ params.num_workers }}", "--seed", "{{ params.split_seed }}",

@@ -40,6 +40,8 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
     :param step_args: the step's arguments (templated).
     :param result_dir: where the step writes its summary; must be visible to this worker
         (a local temp folder by default, which suits client deploy mode). (templated)
+    :param xcom_keys: the keys of the step's summary that go to XCom (default: all). A study's
+        reports list files and subjects; the full report stays in the step's output folder.
 
     Every `SparkSubmitOperator` argument (`conn_id`, `conf`, `executor_cores`, ...) is accepted.
     `PYSPARK_PYTHON` defaults to this worker's Python so executors see the same packages.
@@ -48,16 +50,19 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
     template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "step_args", "result_dir")
 
     def __init__(self, *, step: str, step_args: Sequence[str] = (), result_dir: str | None = None,
-                 **kwargs: Any) -> None:
+                 xcom_keys: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"cerebro-{step}")
         env = dict(kwargs.pop("env_vars", None) or {})
         env.setdefault("PYSPARK_PYTHON", sys.executable)
-        super().__init__(application=spark_entry_path(), env_vars=env, **kwargs)
+        # the application path is resolved when the task runs: parsing the DAG needs no cerebro_tasks
+        super().__init__(application="", env_vars=env, **kwargs)
         self.step = step
         self.step_args = list(step_args)
         self.result_dir = result_dir
+        self.xcom_keys = list(xcom_keys) if xcom_keys is not None else None
 
     def execute(self, context: Any) -> Any:
+        self.application = self.application or spark_entry_path()
         own_dir = self.result_dir is None
         result_dir = self.result_dir or tempfile.mkdtemp(prefix=f"cerebro-{self.step}-")
         result_file = os.path.join(result_dir, f"{self.task_id}.json")
@@ -73,8 +78,10 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
         return self.summarise(result)
 
     def summarise(self, result: Any) -> Any:
-        """What goes to XCom; subclasses keep it small."""
-        return result
+        """What goes to XCom: the `xcom_keys` of the summary."""
+        if self.xcom_keys is None or not isinstance(result, dict):
+            return result
+        return {k: result[k] for k in self.xcom_keys if k in result}
 
 
 class MOPTrainingOperator(CerebroSparkSubmitOperator):

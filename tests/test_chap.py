@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cerebro_tasks.chap import format_timestamps, predict_subject, to_class_ids, write_csv_atomic
+from cerebro_tasks.chap import format_timestamps, predict_subject, to_class_ids, write_csv
 
 T0 = 1_704_153_570  # 2024-01-01 23:59:30 UTC: tables cross midnight
 
@@ -60,7 +60,7 @@ def test_csv_exact_format(tmp_path) -> None:
     table = make_table(15, sleeping=[5], non_wear=[8], unlabelled=[2])
     df = predict_subject(table, parity_ids, window_size=3, include_label=True)
     path = tmp_path / "CHAP_TEST" / "s1.csv"
-    write_csv_atomic(df, path)
+    write_csv(df, path)
     assert path.read_text() == (
         "segment,timestamp,label,prediction\n"
         "0,2024-01-01 23:59:30,sitting,not-sitting\n"
@@ -76,7 +76,7 @@ def test_csv_exact_format(tmp_path) -> None:
     # Without labels the header is the default one; dtypes read back as written.
     df = predict_subject(table, parity_ids, window_size=3)
     assert list(df.columns) == ["segment", "timestamp", "prediction"]
-    write_csv_atomic(df, path)
+    write_csv(df, path)
     back = pd.read_csv(path)
     assert back["segment"].tolist() == [0, 0, 0, 2, 2, 2, 2, 2, 2]
     no_seg = predict_subject(table, parity_ids, window_size=3, include_segment=False)
@@ -159,7 +159,7 @@ def test_nothing_predictable_gives_header_only(tmp_path) -> None:
     table = make_table(6, sleeping=range(6))
     df = predict_subject(table, parity_ids, window_size=2, include_label=True)
     assert df.empty and list(df.columns) == ["segment", "timestamp", "label", "prediction"]
-    write_csv_atomic(df, tmp_path / "s.csv")
+    write_csv(df, tmp_path / "s.csv")
     assert (tmp_path / "s.csv").read_text() == "segment,timestamp,label,prediction\n"
 
 
@@ -195,10 +195,10 @@ def test_local_time_matches_deeppostures_fromtimestamp_across_dst(los_angeles) -
     assert format_timestamps(np.array([T0]), "Europe/Berlin")[0] == "2024-01-02 00:59:30"
 
 
-def test_write_csv_atomic_replaces_and_leaves_no_temp(tmp_path, monkeypatch) -> None:
+def test_write_csv_replaces_and_leaves_no_temp(tmp_path, monkeypatch) -> None:
     path = tmp_path / "out" / "s1.csv"
-    write_csv_atomic(pd.DataFrame({"a": [1]}), path)
-    write_csv_atomic(pd.DataFrame({"b": [2, 3]}), path)
+    write_csv(pd.DataFrame({"a": [1]}), path)
+    write_csv(pd.DataFrame({"b": [2, 3]}), path)
     assert path.read_text() == "b\n2\n3\n"
     assert os.listdir(path.parent) == ["s1.csv"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
@@ -208,7 +208,7 @@ def test_write_csv_atomic_replaces_and_leaves_no_temp(tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
     with pytest.raises(OSError, match="disk full"):
-        write_csv_atomic(pd.DataFrame({"c": [4]}), path)
+        write_csv(pd.DataFrame({"c": [4]}), path)
     assert path.read_text() == "b\n2\n3\n"  # old content intact
     assert os.listdir(path.parent) == ["s1.csv"]  # temp file removed
 

@@ -356,7 +356,7 @@ def test_a_second_conversion_of_the_same_dataset_is_refused(tmp_path, h5_tree):
     dataset = Store(str(tmp_path / "dataset"))
     with dataset.lock(LOCK_NAME):
         with pytest.raises(LockedError, match="held by .*pid"):
-            convert(h5_tree, dataset.url)
+            convert(h5_tree, dataset.url, lock_wait_s=0.5)
     assert not dataset.exists(LOCK_NAME)  # released
 
 

@@ -32,10 +32,35 @@ def test_tpe_keeps_parallelism_in_flight_and_proposes_until_num_models():
     plan = SearchPlan(config(kind="tpe", num_models=5, parallelism=2, metric="val_loss"))
     first = plan.initial({})
     assert [s.model_id for s in first] == ["m000", "m001"]
-    more = plan.on_model_done("m000", first[0].params, {"val_loss": [0.5]})
+    more = plan.on_model_done("m000", first[0].params, {"val_loss": [0.5]}, in_flight=1)
     assert [s.model_id for s in more] == ["m002"]
-    more += plan.on_model_done("m001", first[1].params, {"val_loss": [0.4]})
-    more += plan.on_model_done("m002", more[0].params, {"val_loss": [0.3]})
+    more += plan.on_model_done("m001", first[1].params, {"val_loss": [0.4]}, in_flight=1)
+    more += plan.on_model_done("m002", more[0].params, {"val_loss": [0.3]}, in_flight=1)
     assert [s.model_id for s in more] == ["m002", "m003", "m004"] and plan.proposed == 5
-    assert plan.on_model_done("m003", more[1].params, {"val_loss": [0.2]}) == []  # num_models reached
+    assert plan.on_model_done("m003", more[1].params, {"val_loss": [0.2]}, in_flight=1) == []  # num_models reached
     assert plan.tpe.num_observed == 4
+
+
+def test_tpe_resumed_run_does_not_exceed_parallelism():
+    """Replaying finished models after a driver restart must not flood the workers."""
+    plan = SearchPlan(config(kind="tpe", num_models=6, parallelism=2, metric="val_loss"))
+    first = plan.initial({})
+    # both models still in flight: nothing to add when the first one's result is replayed
+    assert plan.on_model_done("m000", first[0].params, {"val_loss": [0.5]}, in_flight=2) == []
+    assert len(plan.on_model_done("m001", first[1].params, {"val_loss": [0.4]}, in_flight=0)) == 2
+
+
+def test_a_resumed_run_must_keep_its_configuration(tmp_path):
+    import pytest
+
+    from cerebro_tasks.config import ConfigError
+    from cerebro_tasks.jobs.train import check_same_run, config_dict
+    from cerebro_tasks.store import Store
+
+    c = config(kind="random", num_models=2)
+    run = Store(str(tmp_path))
+    run.write_json({"config": config_dict(c)}, "config.json")
+    check_same_run(run, c)  # the same configuration resumes
+    other = config(kind="random", num_models=3)
+    with pytest.raises(ConfigError, match="search"):
+        check_same_run(run, other)

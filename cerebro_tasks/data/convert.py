@@ -353,7 +353,8 @@ LOCK_NAME = "_cerebro_convert.lock"
 
 
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
-            row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False) -> dict:
+            row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False,
+            lock_wait_s: float = 3600.0) -> dict:
     """Convert (incrementally) every H5 day file under ``h5_root`` into the dataset at ``dataset_url``.
 
     Returns a report: ``files`` counts (listed, converted, skipped, unchanged_content, removed,
@@ -362,12 +363,13 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     when the dataset changed), ``bytes_read``/``bytes_written``, ``peak_task_memory_mb``
     and ``seconds``. See the module docstring for the semantics.
 
-    One conversion at a time per dataset (the ingest and model-selection DAGs both convert):
-    a second one fails at once with :class:`~cerebro_tasks.store.LockedError` naming the holder.
+    One conversion at a time per dataset (the ingest and model-selection DAGs both convert, both
+    at midnight): a second one waits up to ``lock_wait_s`` for the first, then fails with
+    :class:`~cerebro_tasks.store.LockedError` naming the holder.
     """
     store = Store(dataset_url)
     _refuse_foreign_folder(store)
-    with store.lock(LOCK_NAME):
+    with store.lock(LOCK_NAME, wait_s=lock_wait_s):
         return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
                                row_group_rows=row_group_rows, measure_memory=measure_memory)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 __all__ = [
     "WINDOW_SECONDS",
+    "window_size_for",
     "PADDING_MODES",
     "segment_ids",
     "build_training_sequences",
@@ -48,6 +49,23 @@ Padding = Literal["drop", "zero", "wrap"]
 # Windows gathered per copy step: bounds the temporary of a fancy-index gather (about 20 MB of
 # float32 windows, 40 MB when the source is float64 H5 data) while keeping numpy calls few.
 _GATHER_CHUNK = 16_384
+
+
+def window_size_for(window_minutes: float) -> int:
+    """Sequence length T (windows per example) for a BiLSTM window of ``window_minutes``.
+
+    ``T = minutes * 60 / 10``: 7 -> 42, 9 -> 54, 3 -> 18. Raises ``ValueError`` unless the
+    minutes are positive and cover a whole number of 10 s windows (a silently rounded T would
+    train a model on a different window length than the one reported).
+    """
+    windows = float(window_minutes) * 60.0 / WINDOW_SECONDS
+    rounded = round(windows)
+    if rounded < 1 or abs(windows - rounded) > 1e-9:
+        raise ValueError(
+            f"window_minutes={window_minutes!r} is not a positive whole number of "
+            f"{WINDOW_SECONDS}-second windows"
+        )
+    return int(rounded)
 
 
 def _column(table: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:

@@ -35,7 +35,7 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cerebro_tasks.chap import predict_subject
+    from cerebro_tasks.chap import csv_bytes, predict_subject
     from cerebro_tasks.data.petastorm_io import read_windows
     from cerebro_tasks.store import Store
 
@@ -52,7 +52,7 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
         table = read_windows(dataset_url, subjects=[subject])
         df = predict_subject(table, predict_fn, window_size=window_size, padding=padding,
                              include_label=include_label, batch_size=batch_size)
-        out.write_bytes(df.to_csv(index=False).encode(), f"{subject}.csv")
+        out.write_bytes(csv_bytes(df), f"{subject}.csv")
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
         out.write_bytes(buf.getvalue(), "parquet", f"subject={subject}", "part-0.parquet")
@@ -94,7 +94,7 @@ def fixed_batch(predict_on_batch: Any, batch_size: int) -> Any:
     return predict
 
 
-def list_subjects(spark: Any, dataset_url: str) -> list[str]:
+def list_subjects(dataset_url: str) -> list[str]:
     """Subject ids present in the windows dataset (a Parquet read of one column)."""
     from cerebro_tasks.data.petastorm_io import read_windows
 
@@ -122,9 +122,15 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
     started = time.time()
     root = Store(predictions_url)
     ledger = root.read_json(LEDGER) if root.exists(LEDGER) else {"subjects": {}}
-    subjects = sorted(subjects) if subjects is not None else list_subjects(spark, dataset_url)
+    present = list_subjects(dataset_url)
+    if subjects is not None:
+        unknown = sorted(set(subjects) - set(present))
+        if unknown:
+            raise ValueError(f"{dataset_url}: no windows of subject(s) {unknown[:10]}; the dataset holds {len(present)} "
+                             f"subjects, e.g. {present[:5]}")
+    subjects = sorted(subjects) if subjects is not None else present
     skipped = [s for s in subjects if s in ledger["subjects"]] if only_new else []
-    subjects = [s for s in subjects if s not in set(skipped)]
+    subjects = [s for s in subjects if s not in ledger["subjects"]] if only_new else subjects
     out_url = Store(predictions_url).url_of(model_name)
     rows: list[dict[str, Any]] = []
     if subjects:

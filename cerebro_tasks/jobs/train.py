@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from cerebro_tasks.config import ConfigError, TrainConfig
-from cerebro_tasks.deeppostures import DeepPosturesWorkload
-from cerebro_tasks.mop.runtime import MopDriver
+from cerebro_tasks.deeppostures import DeepPosturesWorkload, check_search
+from cerebro_tasks.mop.runtime import MopDriver, MopError
 from cerebro_tasks.mop.timeline import plot_timeline
 from cerebro_tasks.mop.worker import checkpoint_name
 from cerebro_tasks.mop.workload import ModelSpec
@@ -71,13 +71,15 @@ class SearchPlan:
             fresh = self.tpe.propose(len(fresh)) if fresh else []
         return [self._spec(c) for c in fresh]
 
-    def on_model_done(self, model_id: str, params: dict[str, Any], history: dict[str, list[float]]) -> list[ModelSpec]:
+    def on_model_done(self, model_id: str, params: dict[str, Any], history: dict[str, list[float]],
+                      in_flight: int) -> list[ModelSpec]:
+        """Learn from a finished model; top the models in flight back up to `parallelism`."""
         if self.tpe is None:
             return []
         self.tpe.observe(params, final_value(history, self.search.metric))
-        if self.proposed >= int(self.search.num_models or 0):
-            return []
-        return [self._spec(p) for p in self.tpe.propose(1)]
+        room = (self.search.parallelism or self.config.num_workers) - in_flight
+        n = max(0, min(room, int(self.search.num_models or 0) - self.proposed))
+        return [self._spec(p) for p in self.tpe.propose(n)] if n else []
 
 
 def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tuple[int, float], ...]:
@@ -105,7 +107,9 @@ def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tupl
 def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     """Run the search; returns the small result (also written to result.json)."""
     config.validate()
+    check_search(config.search.space, config.search.metric)
     run = Store(config.run_url)
+    check_same_run(run, config)
     run.write_json({"config": config_dict(config)}, "config.json")
     weights = class_weights(spark, config.prepared_url, config.num_workers)
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
@@ -120,10 +124,16 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
              config.search.kind, config.search.num_models or len(driver.specs), config.search.num_epochs,
              config.num_workers, config.search.metric, metric_mode(config.search.metric))
 
+    done: set[str] = set()
+
     def on_model_done(model_id: str, history: dict[str, list[float]]) -> list[ModelSpec]:
+        done.add(model_id)
         params = driver.specs[model_id].params
-        write_tensorboard(config.run_url, model_id, params, history, config.search.metric)
-        return plan.on_model_done(model_id, params, history)
+        try:
+            write_tensorboard(config.run_url, model_id, params, history, config.search.metric)
+        except Exception:  # logs are worth a warning, never the search
+            log.exception("could not write the TensorBoard logs of %s", model_id)
+        return plan.on_model_done(model_id, params, history, in_flight=len(driver.specs) - len(done))
 
     started = time.time()
     result = driver.run(on_model_done)
@@ -134,7 +144,11 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     """Choose the best model and write the run's summary, plots and result.json."""
     run = Store(config.run_url)
     metric = config.search.metric
-    best = best_model(result.histories, metric)
+    usable = {m: h for m, h in result.histories.items() if m not in result.failed_models}
+    if not usable:
+        raise MopError(f"every model failed ({sorted(result.failed_models)}); the journal in {config.run_url} "
+                       "and the driver log say why")
+    best = best_model(usable, metric)  # a failed model has no final checkpoint, whatever its early metrics
     spec = result.specs[best]
     params = {m: s.params for m, s in result.specs.items()}
     per_model_s: dict[str, float] = {}
@@ -171,6 +185,18 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     log.info("run %s done in %.1f s: best %s %s=%.4f %s", config.run_id, seconds, best, metric, out["best_value"],
              spec.params)
     return out
+
+
+def check_same_run(run: Store, config: TrainConfig) -> None:
+    """A retry may resume a run only with the configuration that started it (before any Spark job)."""
+    if not run.exists("config.json"):
+        return
+    before = run.read_json("config.json")["config"]
+    now = config_dict(config)
+    changed = sorted(k for k in set(before) | set(now) if k != "max_job_attempts" and before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"{run.url_of('config.json')}: run {config.run_id!r} was started with other "
+                          f"{', '.join(changed)}; resume it with the same configuration, or use a new run id")
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
+from cerebro_tasks.data.sequences import WINDOW_SECONDS, window_size_for
 from cerebro_tasks.models.metrics import BalancedAccuracy
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "CUSTOM_OBJECTS",
 ]
 
-WINDOW_SECONDS = 10  # one window = 10 s
 SAMPLES_PER_WINDOW = 100  # 10 Hz
 AXES = 3  # X, Y, Z
 LSTM_UNITS = 128  # per direction (reference)
@@ -59,23 +59,6 @@ _CONV_SPECS: tuple[tuple[int, tuple[int, int]], ...] = (
     (256, (5, 1)),
     (256, (5, 1)),
 )
-
-
-def window_size_for(window_minutes: float) -> int:
-    """Sequence length T (windows per example) for a BiLSTM window of ``window_minutes``.
-
-    ``T = minutes * 60 / 10``: 7 -> 42, 9 -> 54, 3 -> 18. Raises ``ValueError`` unless the
-    minutes are positive and cover a whole number of 10 s windows (a silently rounded T would
-    train a model on a different window length than the one reported).
-    """
-    windows = float(window_minutes) * 60.0 / WINDOW_SECONDS
-    rounded = round(windows)
-    if rounded < 1 or abs(windows - rounded) > 1e-9:
-        raise ValueError(
-            f"window_minutes={window_minutes!r} is not a positive whole number of "
-            f"{WINDOW_SECONDS}-second windows"
-        )
-    return int(rounded)
 
 
 @keras.saving.register_keras_serializable(package="cerebro_tasks")

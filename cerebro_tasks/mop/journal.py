@@ -40,6 +40,20 @@ class Journal:
         return Unit(**record["unit"])
 
 
+def _number(value: Any) -> float:
+    # JSON has no NaN: a diverged metric is stored as null and comes back as None
+    return float("nan") if value is None else float(value)
+
+
+def resume_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in an order a fresh scheduler accepts: training by step, then validation.
+
+    Never by the workers' clocks, which differ between hosts.
+    """
+    return sorted(records, key=lambda r: (r["unit"]["kind"] != "train", r["unit"]["step"], r["unit"]["epoch"],
+                                          r["unit"]["model_id"], r["unit"]["partition"]))
+
+
 def histories(records: list[dict[str, Any]], num_partitions: int) -> dict[str, dict[str, list[float]]]:
     """Per model, per-epoch `train_<metric>` and `val_<metric>` lists.
 
@@ -57,12 +71,13 @@ def histories(records: list[dict[str, Any]], num_partitions: int) -> dict[str, d
         if len(recs) < num_partitions:
             continue
         h = out.setdefault(model_id, {})
-        total = sum(max(r["num_samples"], 0) for r in recs)
-        for name in sorted(recs[0]["metrics"]):
-            if total > 0:
-                value = sum(r["metrics"][name] * r["num_samples"] for r in recs) / total
-            else:
-                value = float("nan")
+        # an empty partition (fewer subjects than workers) reports no metrics and weighs nothing
+        names = sorted({name for r in recs for name in r["metrics"]})
+        for name in names:
+            weighted = [(_number(r["metrics"][name]), r["num_samples"]) for r in recs
+                        if name in r["metrics"] and r["num_samples"] > 0]
+            total = sum(n for _, n in weighted)
+            value = sum(v * n for v, n in weighted) / total if total > 0 else float("nan")
             series = h.setdefault(f"{kind}_{name}", [])
             # epochs arrive in order per (model, kind) thanks to the sort; keep position == epoch
             while len(series) < epoch:

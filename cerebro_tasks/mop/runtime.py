@@ -4,16 +4,16 @@
     HopScheduler.assign() ──push unit──────▶   worker p: owns partition p, runs the unit,
     journal + scheduler   ◀──push result───     writes ckpt-<step+1> into the run store
 
-Fault tolerance: a worker that dies loses at most its running unit, which goes back to the
-scheduler and is re-run from the model's last checkpoint once a worker for that partition is back
-(Spark retries the barrier stage; when Spark gives up, the driver submits the stage again). A
+Fault tolerance: when a worker dies, Spark restarts the whole barrier stage, so the units running
+on all workers at that moment go back to the scheduler and are re-run from their models' last
+checkpoints once workers are back (when Spark gives up, the driver submits the stage again);
+finished units are never redone. A
 driver that dies is resumed by running again with the same run URL: the journal says which units
 are done.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from cerebro_tasks.mop.control import ControlServer, Message
-from cerebro_tasks.mop.journal import Journal, histories
+from cerebro_tasks.mop.journal import Journal, histories, resume_order
 from cerebro_tasks.mop.scheduler import HopScheduler, Unit
 from cerebro_tasks.mop.timeline import timeline_figures
 from cerebro_tasks.mop.worker import barrier_task
@@ -103,7 +103,7 @@ class MopDriver:
             if s["model_id"] not in self.specs:
                 self.add(ModelSpec(**s))
         self._records = self.journal.records()
-        for r in self._records:
+        for r in resume_order(self._records):
             unit = Journal.unit_of(r)
             if unit.model_id in self.specs:
                 self.scheduler.restore_finished(unit)
@@ -130,6 +130,7 @@ class MopDriver:
                                        f"last error: {job.error if job else None}")
                     job = _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of())
                     job_started = time.time()
+                had_workers = bool(self._conns)
                 self._accept_joined(server)
                 if not self._conns and time.time() - job_started > self.start_timeout_s:
                     raise MopError(f"no MOP worker connected within {self.start_timeout_s:.0f} s; does the cluster "
@@ -137,6 +138,8 @@ class MopDriver:
                 self._dispatch()
                 self._explain_idle()
                 self._receive(timeout=0.5, on_model_done=on_model_done)
+                if had_workers and not self._conns:
+                    job_started = time.time()  # all gone: Spark restarts the stage; time its start afresh
             for conn in self._conns.values():
                 _send_quietly(conn, Message.stop())
             if job is not None:
@@ -267,7 +270,6 @@ class _BarrierJob:
 
     def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str) -> None:
         self.error: str | None = None
-        self.summaries: list[dict[str, Any]] = []
         self._done = threading.Event()
         sc = spark.sparkContext
         fn = barrier_task(server.address, server.secret, workload, run_url)
@@ -275,9 +277,10 @@ class _BarrierJob:
         def target() -> None:
             try:
                 sc.setJobDescription(f"MOP workers ({num_workers})")
-                self.summaries = sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(fn).collect()
+                sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(fn).collect()
             except Exception as e:  # reported to the driver loop, which decides to resubmit or fail
-                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.error = _root_cause(e)
+                log.warning("MOP worker stage failed: %s", self.error)
             finally:
                 self._done.set()
 
@@ -290,6 +293,15 @@ class _BarrierJob:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The line of a (Py4J-wrapped) Spark error that says why, not where it was called from."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "Exception:" in line or "Error:" in line:
+            return line[:500]
+    return f"{type(e).__name__}: {lines[0][:500] if lines else ''}"
 
 
 def _send_quietly(conn: Connection, msg: Message) -> bool:
@@ -310,7 +322,3 @@ def run_mop(spark: Any, workload: Workload, specs: list[ModelSpec], run_url: str
         if spec.model_id not in driver.specs:
             driver.add(spec)
     return driver.run(on_model_done)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, default=str)
