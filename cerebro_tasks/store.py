@@ -126,13 +126,22 @@ class Store:
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
         self.fs.create_dir(tmp, recursive=True)  # copy_files does not create it for a flat folder
         pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-        if self.exists(*parts):
-            old = posixpath.join(parent, f".old-{uuid.uuid4().hex}")
-            self.fs.move(final, old)
-            self.fs.move(tmp, final)
+        self.swap_in(tmp, *parts)
+
+    def swap_in(self, staged_path: str, *parts: str) -> None:
+        """Make the complete folder at `staged_path` (a sibling, same filesystem) the folder `parts`."""
+        final = self.path(*parts).rstrip("/")
+        if self.fs.get_file_info(final).type == pafs.FileType.NotFound:
+            self.fs.create_dir(posixpath.dirname(final), recursive=True)
+            self.fs.move(staged_path, final)
+            return
+        old = posixpath.join(posixpath.dirname(final), f".old-{uuid.uuid4().hex[:12]}-{posixpath.basename(final)}")
+        self.fs.move(final, old)
+        self.fs.move(staged_path, final)
+        try:
             self.fs.delete_dir(old)
-        else:
-            self.fs.move(tmp, final)
+        except OSError:  # a hidden leftover is harmless; the new folder is in place
+            pass
 
     @contextmanager
     def local_copy(self, *parts: str) -> Iterator[str]:

@@ -363,7 +363,7 @@ def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
             "reused": False,
         }
         Store(_sibling_url(prepared_url, stage_name)).write_json(report, SPLIT_FILE)
-        _swap_in(out, stage_path)
+        out.swap_in(stage_path)
     except BaseException:
         _remove_quietly(out.fs, stage_path)
         raise
@@ -395,20 +395,6 @@ def _sibling_url(url: str, name: str, *parts: str) -> str:
         return posixpath.join(base, name, *parts)
     trimmed = url.rstrip("/")
     return "/".join([trimmed.rsplit("/", 1)[0], name, *parts])
-
-
-def _swap_in(out: Store, stage_path: str) -> None:
-    """Replace ``out`` by the staged folder: two renames, never a half-written split visible."""
-    fs = out.fs
-    final = out.path().rstrip("/")
-    if fs.get_file_info(final).type == pafs.FileType.NotFound:
-        fs.create_dir(posixpath.dirname(final), recursive=True)
-        fs.move(stage_path, final)
-        return
-    old = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.old-{uuid.uuid4().hex[:12]}")
-    fs.move(final, old)
-    fs.move(stage_path, final)
-    _remove_quietly(fs, old)
 
 
 def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:

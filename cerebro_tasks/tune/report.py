@@ -8,7 +8,7 @@ import tempfile
 from typing import Any, Mapping
 
 from cerebro_tasks.store import Store
-from cerebro_tasks.tune.selection import final_value, metric_mode, rank
+from cerebro_tasks.tune.selection import metric_mode, rank
 
 
 def summary_rows(histories: dict[str, dict[str, list[float]]], params: dict[str, dict[str, Any]], metric: str,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import posixpath
 import socket
 import tempfile
 import time
@@ -96,21 +95,5 @@ def write_tensorboard(run_url: str, model_id: str, params: Mapping[str, Any],
                 writer.write(event.SerializeToString())
         finally:
             writer.close()
-        _publish_folder(store, path, name, TB_DIR, model_id)
+        store.put_tree(local, TB_DIR, model_id)  # the model's log folder holds exactly this file
     return store.url_of(TB_DIR, model_id)
-
-
-def _publish_folder(store: Store, local_file: str, name: str, *parts: str) -> None:
-    """Make ``parts`` a folder holding just ``name``: write a sibling, then rename it over the old one."""
-    final = store.path(*parts)
-    parent = posixpath.dirname(final)
-    tmp = f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}"
-    rel_parent = list(parts[:-1])
-    store.put_file(local_file, *rel_parent, tmp, name)
-    if store.exists(*parts):
-        old = posixpath.join(parent, f".old-{uuid.uuid4().hex}")
-        store.fs.move(final, old)
-        store.fs.move(posixpath.join(parent, tmp), final)
-        store.fs.delete_dir(old)
-    else:
-        store.fs.move(posixpath.join(parent, tmp), final)
