@@ -62,9 +62,11 @@ def cmd_split(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
+    from cerebro_tasks.deeppostures import check_search
     from cerebro_tasks.jobs.train import load_config, train
 
     config = load_config(args.config)
+    check_search(config.search.space, config.search.metric)  # before paying for a Spark session
     return train(config, _spark(args, f"cerebro-mop-{config.run_id}", workers=config.num_workers))
 
 

@@ -112,7 +112,8 @@ def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
     # the SavedModel (for serving without this package) gives the same answers
     import tensorflow as tf
 
-    served = tf.saved_model.load(f"{home}/exports/{run_id}/saved_model").serve(tf.constant(x[:8]))
+    saved = tf.saved_model.load(f"{home}/exports/{run_id}/saved_model")  # keep it: its variables live here
+    served = saved.serve(tf.constant(x[:8]))
     np.testing.assert_allclose(np.asarray(served), scores[:8], rtol=1e-4, atol=1e-5)
     majority = max(np.mean(y == 0), np.mean(y == 1))
     accuracy = float(np.mean(pred == y))
