@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
+
+from pyspark import cloudpickle  # the copy Spark pickles tasks with
 
 import pytest
 
@@ -76,3 +79,23 @@ def test_resume_of_a_finished_run_redoes_nothing(spark, first_run):
     again = run_mop(spark, WORKLOAD, specs(), run_url, num_workers=2, seed=1)
     assert again.units_run == 0
     assert again.histories == result.histories
+
+
+# the workers cannot import this test module: ship its classes by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class UnreadableWorkload(SyntheticWorkload):
+    def load_partition(self, kind: str, partition: int):
+        if partition == 1:
+            raise FileNotFoundError(f"/data/prepared/{kind}/part-1")
+        return super().load_partition(kind, partition)
+
+
+def test_an_unreadable_partition_stops_the_run_naming_it(spark, tmp_path):
+    """A data fault is not a model fault: no retries per model, one error that says where."""
+    from cerebro_tasks.mop.runtime import MopError
+
+    workload = UnreadableWorkload(rows_per_partition=64, features=4)
+    with pytest.raises(MopError, match=r"train partition 1 could not be read: FileNotFoundError: /data/prepared/train/part-1"):
+        run_mop(spark, workload, specs(1, 1), str(tmp_path / "run"), num_workers=2, seed=1)

@@ -19,7 +19,7 @@ from typing import Any
 
 @dataclass
 class Message:
-    kind: str  # hello | unit | done | failed | stop
+    kind: str  # hello | unit | done | failed | fatal | stop
     payload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -37,6 +37,10 @@ class Message:
     @classmethod
     def failed(cls, unit: Any, error: str) -> "Message":
         return cls("failed", {"unit": unit, "error": error})
+
+    @classmethod
+    def fatal(cls, unit: Any, error: str) -> "Message":
+        return cls("fatal", {"unit": unit, "error": error})
 
     @classmethod
     def stop(cls) -> "Message":

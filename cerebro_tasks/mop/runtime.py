@@ -15,6 +15,7 @@ are done.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -205,6 +206,8 @@ class MopDriver:
             self._running.pop(worker_id, None)
             if msg.kind == "done":
                 self._unit_done(worker_id, unit, msg.payload["result"], on_model_done)
+            elif msg.kind == "fatal":
+                raise MopError(f"{msg.payload['error']} (worker {worker_id}, run {self.store.url})")
             elif msg.kind == "failed":
                 log.error("unit %s failed on %s:\n%s", unit, worker_id, msg.payload["error"])
                 self.scheduler.unit_failed(worker_id, unit)
@@ -299,8 +302,9 @@ def _root_cause(e: BaseException) -> str:
     """The line of a (Py4J-wrapped) Spark error that says why, not where it was called from."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     for line in lines:
-        if "Exception:" in line or "Error:" in line:
-            return line[:500]
+        found = re.search(r"([\w.$]+(?:Exception|Error): .*)", line)
+        if found and "Py4JJavaError" not in found.group(1):
+            return found.group(1)[:500]
     return f"{type(e).__name__}: {lines[0][:500] if lines else ''}"
 
 

@@ -58,6 +58,10 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
     }
 
 
+class PartitionError(RuntimeError):
+    """This worker's data cannot be read: no model can train here, so the run stops."""
+
+
 class UnitRunner:
     """Runs units on one partition, keeping the last model in memory to skip needless reloads."""
 
@@ -70,7 +74,11 @@ class UnitRunner:
 
     def data(self, kind: str) -> Any:
         if kind not in self._data:
-            self._data[kind] = self.workload.load_partition(kind, self.partition)
+            try:
+                self._data[kind] = self.workload.load_partition(kind, self.partition)
+            except Exception as e:
+                raise PartitionError(f"{kind} partition {self.partition} could not be read: "
+                                     f"{type(e).__name__}: {e}") from e
         return self._data[kind]
 
     def _model_at(self, spec: ModelSpec, step: int) -> tuple[Any, bool]:
@@ -160,6 +168,9 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
             unit, spec = msg.payload["unit"], msg.payload["spec"]
             try:
                 result = runner.run(unit, spec)
+            except PartitionError as e:  # a data fault, not a model fault: say so once and stop
+                conn.send(Message.fatal(unit, str(e)))
+                break
             except Exception:  # report, keep serving: one bad model must not take the worker down
                 conn.send(Message.failed(unit, traceback.format_exc()))
                 continue
