@@ -64,3 +64,18 @@ def test_a_resumed_run_must_keep_its_configuration(tmp_path):
     other = config(kind="random", num_models=3)
     with pytest.raises(ConfigError, match="search"):
         check_same_run(run, other)
+
+
+def test_a_resumed_run_must_keep_its_data(tmp_path):
+    import pytest
+
+    from cerebro_tasks.config import ConfigError
+    from cerebro_tasks.jobs.train import check_same_run, config_dict
+    from cerebro_tasks.store import Store
+
+    c = config(kind="random", num_models=2)
+    run = Store(str(tmp_path))
+    run.write_json({"config": config_dict(c), "data": {"dataset_version": "v1", "seed": 1}}, "config.json")
+    check_same_run(run, c, {"dataset_version": "v1", "seed": 1})
+    with pytest.raises(ConfigError, match="another split"):
+        check_same_run(run, c, {"dataset_version": "v2", "seed": 1})

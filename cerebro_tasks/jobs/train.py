@@ -109,8 +109,9 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     config.validate()
     check_search(config.search.space, config.search.metric)
     run = Store(config.run_url)
-    check_same_run(run, config)
-    run.write_json({"config": config_dict(config)}, "config.json")
+    data = split_key(config.prepared_url)
+    check_same_run(run, config, data)
+    run.write_json({"config": config_dict(config), "data": data}, "config.json")
     weights = class_weights(spark, config.prepared_url, config.num_workers)
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
@@ -187,16 +188,29 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     return out
 
 
-def check_same_run(run: Store, config: TrainConfig) -> None:
-    """A retry may resume a run only with the configuration that started it (before any Spark job)."""
+def split_key(prepared_url: str) -> dict[str, Any] | None:
+    """What identifies the prepared data: the dataset version, seed and fractions of its split."""
+    prepared = Store(prepared_url)
+    return prepared.read_json("split.json").get("key") if prepared.exists("split.json") else None
+
+
+def check_same_run(run: Store, config: TrainConfig, data: dict[str, Any] | None = None) -> None:
+    """A retry may resume a run only with the configuration and data that started it.
+
+    Checked before any Spark job: a resumed run on other partitions (the split re-run after new
+    subjects arrived) would mix models trained on different data.
+    """
     if not run.exists("config.json"):
         return
-    before = run.read_json("config.json")["config"]
-    now = config_dict(config)
+    saved = run.read_json("config.json")
+    before, now = saved["config"], config_dict(config)
     changed = sorted(k for k in set(before) | set(now) if k != "max_job_attempts" and before.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"{run.url_of('config.json')}: run {config.run_id!r} was started with other "
                           f"{', '.join(changed)}; resume it with the same configuration, or use a new run id")
+    if saved.get("data") is not None and data is not None and saved["data"] != data:
+        raise ConfigError(f"{run.url_of('config.json')}: run {config.run_id!r} was started on another split of the "
+                          f"data ({saved['data']}, now {data}); resume it on the same split, or use a new run id")
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -8,8 +8,10 @@ atomically, report. Data is read once per worker and reused by every model that 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from multiprocessing.connection import Client
@@ -31,8 +33,15 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
     Must run before TensorFlow initialises its devices: CUDA_VISIBLE_DEVICES is read once. Memory
     growth stops one worker's TensorFlow from reserving the whole card.
     """
+    wanted = ",".join(gpu_addresses)
+    if gpu_addresses and "tensorflow" in sys.modules and os.environ.get("CUDA_VISIBLE_DEVICES") != wanted:
+        # a reused Python worker whose TensorFlow already saw other devices: it cannot switch now
+        logging.getLogger("cerebro_tasks.mop").warning(
+            "this Python worker already initialised TensorFlow with CUDA_VISIBLE_DEVICES=%r; Spark assigned GPU(s) %s. "
+            "Set spark.python.worker.reuse=false on GPU clusters so that each task starts a fresh worker",
+            os.environ.get("CUDA_VISIBLE_DEVICES"), wanted)
     if gpu_addresses:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_addresses)
+        os.environ["CUDA_VISIBLE_DEVICES"] = wanted
     else:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
