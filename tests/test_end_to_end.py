@@ -135,6 +135,10 @@ def test_backfill_second_date_adds_subjects(dag_run, airflow_env):
     """The next logical date sees two new subjects: trained on, and only they get predictions."""
     home, _, first_run = dag_run
     synth(home, subjects=8, env=airflow_env)  # S0001-S0006 rewritten byte for byte, S0007-S0008 new
+    # the hourly ingest converts the new days and announces them (the Asset that triggers training)
+    proc = run(["airflow", "dags", "test", "deeppostures_ingest", "2024-03-06T01:00:00+00:00"], airflow_env)
+    log = proc.stdout + proc.stderr
+    assert "'converted': 4" in log and "nothing to announce" not in log
     dags_test("2024-03-06", CONF, airflow_env)
     second_run = open(f"{home}/exports/LATEST").read().strip()
     assert second_run != first_run
@@ -150,6 +154,9 @@ def test_backfill_second_date_adds_subjects(dag_run, airflow_env):
     assert members(first, "train") <= members(second, "train")
     assert members(first, "val") <= members(second, "val")
     assert len(members(second, "train") | members(second, "val")) == 8
+    # nothing new since: the next ingest converts nothing and emits no Asset event
+    log = run(["airflow", "dags", "test", "deeppostures_ingest", "2024-03-06T02:00:00+00:00"], airflow_env)
+    assert "nothing to announce" in log.stdout + log.stderr
 
 
 RETRY_TASK = """
