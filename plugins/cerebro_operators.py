@@ -54,7 +54,7 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
         kwargs.setdefault("name", f"cerebro-{step}")
         env = dict(kwargs.pop("env_vars", None) or {})
         env.setdefault("PYSPARK_PYTHON", sys.executable)
-        # the application path is resolved when the task runs: parsing the DAG needs no cerebro_tasks
+        # the application path is resolved when the task runs, not each time the DAG is parsed
         super().__init__(application="", env_vars=env, **kwargs)
         self.step = step
         self.step_args = list(step_args)
@@ -84,6 +84,11 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
         return {k: result[k] for k in self.xcom_keys if k in result}
 
 
+# the training step's result.json holds full histories; XCom gets what the next tasks need
+TRAIN_XCOM = ("run_id", "run_url", "metric", "best_model_id", "best_params", "best_value", "best_checkpoint",
+              "models", "failed_models", "seconds", "utilisation", "hop_overhead")
+
+
 class MOPTrainingOperator(CerebroSparkSubmitOperator):
     """Model selection with Model Hopper Parallelism as one Spark application.
 
@@ -93,8 +98,10 @@ class MOPTrainingOperator(CerebroSparkSubmitOperator):
     :param run_id: the search's run id (templated; default: this DAG run's id). A retry of the task
         submits the same run id, and the engine resumes from the run's journal.
     :param num_workers: MOP workers (one data partition each); overrides the config's value.
+        (templated)
     :param gpus_per_worker: GPUs per worker task (0 = CPU). With GPUs, the executors need
         `spark.executor.resource.gpu.amount` and a discovery script (`gpu_discovery_script`).
+        (templated)
     :param gpu_discovery_script: path of the GPU discovery script on the executors.
 
     Returns (XCom) the small result: run id, best model id and configuration, its metric value,
@@ -112,6 +119,7 @@ class MOPTrainingOperator(CerebroSparkSubmitOperator):
         conf = dict(kwargs.pop("conf", None) or {})
         # a failed worker task comes back (Spark retries the barrier stage) instead of failing the job
         conf.setdefault("spark.task.maxFailures", "4")
+        kwargs.setdefault("xcom_keys", TRAIN_XCOM)
         super().__init__(step="train", conf=conf, name=kwargs.pop("name", "cerebro-mop"), **kwargs)
         self.config = config
         self.config_path = config_path
@@ -138,11 +146,6 @@ class MOPTrainingOperator(CerebroSparkSubmitOperator):
                 self.conf.setdefault("spark.executor.resource.gpu.discoveryScript", self.gpu_discovery_script)
         self.step_args = ["--config", json.dumps(config, sort_keys=True)]
         return super().execute(context)
-
-    def summarise(self, result: dict[str, Any]) -> dict[str, Any]:
-        keep = ("run_id", "run_url", "metric", "best_model_id", "best_params", "best_value", "best_checkpoint",
-                "models", "failed_models", "seconds", "utilisation", "hop_overhead")
-        return {k: result.get(k) for k in keep}
 
 
 def _put_spark_submit_on_path() -> None:
