@@ -156,35 +156,53 @@ class Store:
             yield local
 
     @contextmanager
-    def lock(self, *parts: str, wait_s: float = 0.0, poll_s: float = 2.0) -> Iterator[None]:
+    def lock(self, *parts: str, wait_s: float = 0.0, poll_s: float = 2.0,
+             heartbeat_s: float | None = None) -> Iterator[None]:
         """Hold an exclusive lock file for the duration of the block.
 
         Exclusive creation is atomic on local and NFS folders (O_EXCL); elsewhere it is a check
-        then a write, which only narrows the race. A lock whose owner process is gone (same host)
-        is taken over. A live one is waited for up to `wait_s` seconds, then LockedError names
-        its owner.
+        then a write, which only narrows the race. A lock is taken over when its owner is gone:
+        the owner's process has died (same host), or, with `heartbeat_s`, its owner stopped
+        refreshing it for three heartbeats (any host: a driver killed on another machine). A live
+        lock is waited for up to `wait_s` seconds, then LockedError names its owner.
         """
         import socket
+        import threading
 
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        def owner_record() -> bytes:
+            return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "beat": time.time(),
+                               "heartbeat_s": heartbeat_s,
+                               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+
         path = self.path(*parts)
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                self._create_exclusive(path, json.dumps(owner).encode())
+                self._create_exclusive(path, owner_record())
                 break
             except FileExistsError:
                 held = self._lock_owner(*parts)
-                if held.get("host") == owner["host"] and not _pid_alive(int(held.get("pid", -1))):
-                    self.delete(*parts)  # its owner died without releasing it
+                if _lock_abandoned(held, socket.gethostname()):
+                    self.delete(*parts)
                     continue
                 if time.monotonic() >= deadline:
                     raise LockedError(f"{self.url_of(*parts)} is held by {held}; another run is using this "
                                       "location. Retry when it is done, or delete the lock file if no run is") from None
                 time.sleep(poll_s)
+        stop = threading.Event()
+        if heartbeat_s:
+            def beat() -> None:
+                while not stop.wait(heartbeat_s):
+                    try:
+                        self.write_bytes(owner_record(), *parts)
+                    except OSError:  # a missed beat is retried at the next one
+                        pass
+
+            threading.Thread(target=beat, name=f"lock-heartbeat-{parts[-1]}", daemon=True).start()
         try:
             yield
         finally:
+            stop.set()
             self.delete(*parts)
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
@@ -215,6 +233,13 @@ class Store:
 
 class LockedError(RuntimeError):
     """Another process holds the lock."""
+
+
+def _lock_abandoned(held: dict[str, Any], host: str) -> bool:
+    if held.get("host") == host and not _pid_alive(int(held.get("pid", -1))):
+        return True  # its owner died without releasing it
+    beat, every = held.get("beat"), held.get("heartbeat_s")
+    return bool(beat and every and time.time() - float(beat) > 3 * float(every))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -99,3 +99,29 @@ def test_an_unreadable_partition_stops_the_run_naming_it(spark, tmp_path):
     workload = UnreadableWorkload(rows_per_partition=64, features=4)
     with pytest.raises(MopError, match=r"train partition 1 could not be read: FileNotFoundError: /data/prepared/train/part-1"):
         run_mop(spark, workload, specs(1, 1), str(tmp_path / "run"), num_workers=2, seed=1)
+
+
+def test_one_driver_per_run(spark, tmp_path):
+    """An Airflow zombie and its retry must not train the same run side by side."""
+    from cerebro_tasks.mop.runtime import RUN_LOCK
+    from cerebro_tasks.store import LockedError
+
+    run = Store(str(tmp_path / "run"))
+    with run.lock(RUN_LOCK, heartbeat_s=30):  # a live driver holds the run
+        with pytest.raises(LockedError, match="run.lock is held by"):
+            run_mop(spark, WORKLOAD, specs(1, 1), run.url, num_workers=2, seed=1, lock_wait_s=0.5)
+
+
+def test_a_lock_whose_owner_stopped_beating_is_taken_over(tmp_path):
+    import json
+    import time
+
+    from cerebro_tasks.store import Store
+
+    store = Store(str(tmp_path))
+    # a driver on another host, silent for longer than three heartbeats
+    store.write_bytes(json.dumps({"host": "elsewhere", "pid": 1, "beat": time.time() - 100, "heartbeat_s": 30}).encode(),
+                      "run.lock")
+    with store.lock("run.lock", heartbeat_s=30):
+        assert json.loads(store.read_bytes("run.lock"))["pid"] != 1
+    assert not store.exists("run.lock")

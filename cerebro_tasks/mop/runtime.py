@@ -37,6 +37,10 @@ log = logging.getLogger("cerebro_tasks.mop")
 ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | None"]
 
 
+RUN_LOCK = "run.lock"
+LOCK_HEARTBEAT_S = 30.0
+
+
 class MopError(RuntimeError):
     pass
 
@@ -58,7 +62,8 @@ class MopDriver:
     """Trains every added model with MOP over `num_workers` partitions; `run()` blocks until done."""
 
     def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
-                 max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True) -> None:
+                 max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
+                 lock_wait_s: float = 4 * LOCK_HEARTBEAT_S) -> None:
         self.spark = spark
         self.workload = workload
         self.store = Store(run_url)
@@ -66,6 +71,7 @@ class MopDriver:
         self.seed = seed
         self.max_job_attempts = max_job_attempts
         self.start_timeout_s = start_timeout_s
+        self.lock_wait_s = lock_wait_s
         self.journal = Journal(self.store)
         self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
         self.specs: dict[str, ModelSpec] = {}
@@ -114,6 +120,12 @@ class MopDriver:
 
     # running -------------------------------------------------------------------------------------
     def run(self, on_model_done: ModelDoneCallback | None = None) -> MopResult:
+        """Train until every model is done. One driver per run: a second waits, then fails."""
+        # a retry that starts while its killed predecessor's lock is fresh waits for it to go stale
+        with self.store.lock(RUN_LOCK, wait_s=self.lock_wait_s, heartbeat_s=LOCK_HEARTBEAT_S):
+            return self._run(on_model_done)
+
+    def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
         server = ControlServer()
         attempts = 0
         job: _BarrierJob | None = None
