@@ -11,14 +11,14 @@ bench/results/mop_local.json and a timeline plot beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS, ROOT, write_results  # bench/ is this script's folder, first on sys.path
+
 sys.path.insert(0, ROOT)
 
 from cerebro_tasks.mop.runtime import run_mop  # noqa: E402
@@ -66,8 +66,8 @@ def main() -> None:
         result = run_mop(spark, workload, specs, os.path.join(d, "run"), num_workers=WORKERS, seed=0)
         mop_seconds = time.time() - started
     spark.stop()
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    plot_path = os.path.join(ROOT, "bench", "results", "mop_local_timeline.png")
+    os.makedirs(RESULTS, exist_ok=True)
+    plot_path = os.path.join(RESULTS, "mop_local_timeline.png")
     plot_timeline(result.records, plot_path, title=f"MOP, {args.models} models x {args.epochs} epochs on {WORKERS} workers")
 
     import tensorflow as tf  # the baseline gets the whole machine, as a single worker would
@@ -90,8 +90,7 @@ def main() -> None:
         "max_abs_val_loss_diff": max(abs(mop_loss[m] - seq["final_val_loss"][m]) for m in mop_loss),
         "timeline_png": os.path.relpath(plot_path, ROOT),
     }
-    with open(os.path.join(ROOT, "bench", "results", "mop_local.json"), "w") as fh:
-        json.dump(figures, fh, indent=1, sort_keys=True)
+    write_results("mop_local", figures)
     print(f"MOP on {WORKERS} workers: {args.models} models x {args.epochs} epochs, median train unit "
           f"{figures['median_train_unit_s']:.1f} s")
     print(f"  makespan {figures['mop_makespan_s']:.1f} s, utilisation {figures['utilisation']:.3f}, "

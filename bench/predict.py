@@ -11,14 +11,14 @@ with the whole machine. Writes bench/results/predict.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, converted_study, write_results  # bench/ is this script's folder, first on sys.path
+
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,19 +33,16 @@ def main() -> None:
 
     import numpy as np
 
-    from cerebro_tasks.data.convert import convert
     from cerebro_tasks.data.petastorm_io import read_windows
     from cerebro_tasks.data.sequences import build_prediction_sequences
-    from cerebro_tasks.data.synth import synthesize
     from cerebro_tasks.deeppostures import build_model
     from cerebro_tasks.jobs.predict import predict
     from cerebro_tasks.spark_session import get_spark
 
     params = {"amp_factor": 0.25, "window_minutes": 3, "learning_rate": 1e-3}
     with tempfile.TemporaryDirectory() as d:
-        synthesize(f"{d}/h5", subjects=args.subjects, days=args.days, seed=7, windows_per_day=args.windows_per_day)
         spark = get_spark("bench-predict")
-        convert(f"{d}/h5", f"{d}/dataset", spark=spark)
+        converted_study(d, subjects=args.subjects, days=args.days, windows_per_day=args.windows_per_day, spark=spark)
         model = build_model(params, seed=1)
         os.makedirs(f"{d}/model")
         model.save(f"{d}/model/model.keras")
@@ -80,9 +77,7 @@ def main() -> None:
         "ratio": round(statistics.median(job) / statistics.median(ceiling), 3), "goal": 0.5,
         "model": params,
     }
-    os.makedirs(f"{ROOT}/bench/results", exist_ok=True)
-    with open(f"{ROOT}/bench/results/predict.json", "w") as f:
-        json.dump(figures, f, indent=1, sort_keys=True)
+    write_results("predict", figures)
     print(f"prediction job: {figures['job_median']:.0f} windows/s (median of {args.repeats}), "
           f"model.predict in memory: {figures['ceiling_median']:.0f} windows/s -> ratio {figures['ratio']:.2f} "
           f"(goal >= 0.5); {windows_predicted} windows of {args.subjects} subjects")

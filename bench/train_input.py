@@ -12,14 +12,14 @@ bench/results/train_input.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, converted_study, write_results  # bench/ is this script's folder, first on sys.path
+
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,19 +35,16 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from cerebro_tasks.data.convert import convert
     from cerebro_tasks.data.petastorm_io import read_windows
     from cerebro_tasks.data.sequences import build_training_sequences
-    from cerebro_tasks.data.synth import synthesize
     from cerebro_tasks.deeppostures import build_model
     from cerebro_tasks.spark_session import get_spark
 
     params = {"amp_factor": 0.25, "window_minutes": 3, "learning_rate": 1e-3}
     t = 18
     with tempfile.TemporaryDirectory() as d:
-        synthesize(f"{d}/h5", subjects=args.subjects, days=2, seed=7, windows_per_day=args.windows_per_day)
         spark = get_spark("bench-train-input")
-        convert(f"{d}/h5", f"{d}/dataset", spark=spark)
+        converted_study(d, subjects=args.subjects, days=2, windows_per_day=args.windows_per_day, spark=spark)
         spark.stop()
 
         def epochs(x, y) -> float:
@@ -86,9 +83,7 @@ def main() -> None:
         "ratio": round(in_memory_s / (in_memory_s + input_s), 4),
         "ratio_measured": round(in_memory_s / from_dataset_s, 3), "goal": 0.9,
     }
-    os.makedirs(f"{ROOT}/bench/results", exist_ok=True)
-    with open(f"{ROOT}/bench/results/train_input.json", "w") as f:
-        json.dump(figures, f, indent=1, sort_keys=True)
+    write_results("train_input", figures)
     print(f"{sequences} sequences x {args.epochs} epochs: in memory {figures['in_memory_sequences_per_s']:.0f} seq/s, "
           f"fed from the dataset {figures['from_dataset_sequences_per_s']:.0f} seq/s (reading + sequences "
           f"{input_s:.2f} s) -> ratio {figures['ratio']:.3f} (goal >= 0.9; medians of {args.repeats} alternating "
