@@ -32,11 +32,13 @@ class SparkBackend:
         cluster must have this many free task slots at once (a barrier stage).
     :param start_timeout: seconds to wait for every worker to start.
     :param verbose: 0 quiet, 1 progress, 2 more.
+    :param schedule: ``"lockstep"`` (same seed, same schedule and weights, see mop/lockstep.py) or
+        ``"adaptive"`` (follows real unit durations: never waits, not reproducible).
     """
 
     def __init__(self, spark_context: Any = None, num_workers: int | None = None, start_timeout: float = 600,
                  disk_cache_size_gb: float = 10, data_readers_pool_type: str = "thread", num_data_readers: int = 10,
-                 nics: Sequence[str] | None = None, verbose: int = 1) -> None:
+                 nics: Sequence[str] | None = None, verbose: int = 1, schedule: str = "lockstep") -> None:
         if spark_context is None:
             import pyspark
 
@@ -58,6 +60,7 @@ class SparkBackend:
         self.num_data_readers = num_data_readers
         self.nics = nics
         self.verbose = int(verbose)
+        self.schedule = schedule
         slots = int(spark_context.defaultParallelism)
         if self.num_workers > slots:
             log.warning("SparkBackend: %d workers but spark.default.parallelism is %d; the MOP barrier stage needs "
@@ -220,7 +223,7 @@ class SparkBackend:
         from cerebro_tasks.mop.runtime import MopDriver
 
         return MopDriver(self.spark, workload, run_url, num_workers=self.num_workers, seed=seed,
-                         start_timeout_s=self.start_timeout, validate=validate)
+                         start_timeout_s=self.start_timeout, validate=validate, schedule=self.schedule)
 
 
 def _use_driver_python(sc: Any) -> None:

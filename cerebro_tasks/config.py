@@ -64,6 +64,8 @@ class TrainConfig:
     num_workers: int = 2
     batch_size: int = 16
     max_job_attempts: int = 3
+    # "lockstep": same seed, same schedule (mop/lockstep.py); "adaptive": never waits, order follows timing
+    schedule: str = "lockstep"
 
     @property
     def run_url(self) -> str:
@@ -80,6 +82,7 @@ class TrainConfig:
                self.batch_size)
         _check(isinstance(self.max_job_attempts, int) and self.max_job_attempts >= 1, "max_job_attempts",
                "an integer >= 1", self.max_job_attempts)
+        _check(self.schedule in ("lockstep", "adaptive"), "schedule", "'lockstep' or 'adaptive'", self.schedule)
         self.search.validate()
         return self
 

@@ -121,5 +121,11 @@ class DeepPosturesWorkload:
         return UnitInputs(x=x, y=y, sample_weight=w, num_samples=len(y),
                           batch_size=int(p.get("batch_size", self.batch_size)))
 
+    def relative_cost(self, spec: ModelSpec) -> float:
+        """Training cost per window, for lockstep scheduling: millions of parameters (see architecture.py)."""
+        from cerebro_tasks.models.architecture import parameter_count
+
+        return parameter_count(float(model_params(spec.params)["amp_factor"])) / 1e6
+
     def custom_objects(self) -> dict[str, Any]:
         return custom_objects()

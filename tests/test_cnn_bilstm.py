@@ -14,6 +14,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from cerebro_tasks.models.architecture import parameter_count  # noqa: E402
 from cerebro_tasks.models.cnn_bilstm import build_cnn_bilstm, window_size_for  # noqa: E402
 from cerebro_tasks.models.metrics import BalancedAccuracy, balanced_accuracy  # noqa: E402
 
@@ -56,6 +57,12 @@ def test_parameter_counts_match_the_reference(amp: int, exact: int, about: float
     assert round(model.count_params() / 1e6, 1) == about  # the reference's "about N M"
     # The count does not depend on T (weights are shared over windows and steps).
     assert build_cnn_bilstm(window_size=54, amp_factor=amp, compile=False).count_params() == exact
+    assert parameter_count(amp) == exact  # the driver's Keras-free cost estimate agrees
+
+
+@pytest.mark.parametrize("amp", [0.25, 0.5, 3])
+def test_keras_free_parameter_count_matches_small_and_odd_widths(amp: float) -> None:
+    assert parameter_count(amp) == build_cnn_bilstm(window_size=18, amp_factor=amp, compile=False).count_params()
 
 
 def test_layers_as_in_the_reference() -> None:

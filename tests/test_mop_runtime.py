@@ -125,3 +125,25 @@ def test_a_lock_whose_owner_stopped_beating_is_taken_over(tmp_path):
     with store.lock("run.lock", heartbeat_s=30):
         assert json.loads(store.read_bytes("run.lock"))["pid"] != 1
     assert not store.exists("run.lock")
+
+
+class JitteryWorkload(SyntheticWorkload):
+    """Units take a random extra 0-0.4 s (OS entropy, not a seed): timing noise, made large."""
+
+    def inputs(self, data, spec, *, training, seed):
+        import random
+        import time
+
+        time.sleep(random.SystemRandom().uniform(0.0, 0.4))
+        return super().inputs(data, spec, training=training, seed=seed)
+
+
+def test_lockstep_same_seed_same_schedule_and_weights_despite_timing_noise(spark, tmp_path):
+    workload = JitteryWorkload(rows_per_partition=256, features=8)
+    runs = [run_mop(spark, workload, specs(3, 2), str(tmp_path / f"run{i}"), num_workers=2, seed=5,
+                    schedule="lockstep") for i in range(2)]
+    schedules = [[(r["worker_id"], tuple(sorted(r["unit"].items()))) for r in run.records] for run in runs]
+    assert schedules[0] == schedules[1]  # same units, same workers, same order
+    for model_id, history in runs[0].histories.items():
+        for key, values in history.items():
+            assert runs[1].histories[model_id][key] == pytest.approx(values, rel=1e-6, abs=1e-7), (model_id, key)

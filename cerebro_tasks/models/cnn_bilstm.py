@@ -34,6 +34,15 @@ import keras
 from keras import layers, ops
 
 from cerebro_tasks.data.sequences import WINDOW_SECONDS, window_size_for
+from cerebro_tasks.models.architecture import (
+    AXES,
+    CONV_SPECS,
+    CONV_STRIDES,
+    EMBEDDING_UNITS,
+    LSTM_UNITS,
+    SAMPLES_PER_WINDOW,
+    scaled,
+)
 from cerebro_tasks.models.metrics import BalancedAccuracy
 
 __all__ = [
@@ -46,20 +55,6 @@ __all__ = [
     "AXES",
     "CUSTOM_OBJECTS",
 ]
-
-SAMPLES_PER_WINDOW = 100  # 10 Hz
-AXES = 3  # X, Y, Z
-LSTM_UNITS = 128  # per direction (reference)
-
-# Conv stack of the reference: (filters per unit of amp_factor, kernel).
-_CONV_SPECS: tuple[tuple[int, tuple[int, int]], ...] = (
-    (32, (5, 3)),
-    (64, (5, 1)),
-    (128, (5, 1)),
-    (256, (5, 1)),
-    (256, (5, 1)),
-)
-
 
 @keras.saving.register_keras_serializable(package="cerebro_tasks")
 class FoldTime(layers.Layer):
@@ -101,11 +96,6 @@ CUSTOM_OBJECTS: dict[str, Any] = {
     "UnfoldTime": UnfoldTime,
     "BalancedAccuracy": BalancedAccuracy,
 }
-
-
-def _scaled(units: int, amp_factor: float) -> int:
-    """``units * a`` rounded to an int (fractional a such as 0.25 gives small demo models)."""
-    return max(1, int(round(units * amp_factor)))
 
 
 def build_cnn_bilstm(
@@ -160,11 +150,11 @@ def build_cnn_bilstm(
     inputs = keras.Input(shape=(window_size, SAMPLES_PER_WINDOW, AXES), name="windows")
     x = FoldTime(name="fold_time")(inputs)
     x = layers.Reshape((SAMPLES_PER_WINDOW, AXES, 1), name="window_image")(x)
-    for i, (filters, kernel) in enumerate(_CONV_SPECS, start=1):
+    for i, (filters, kernel) in enumerate(CONV_SPECS, start=1):
         x = layers.Conv2D(
-            _scaled(filters, amp_factor),
+            scaled(filters, amp_factor),
             kernel,
-            strides=(2, 1),
+            strides=CONV_STRIDES,
             padding="same",
             activation="relu",
             kernel_initializer=init(),
@@ -173,7 +163,7 @@ def build_cnn_bilstm(
         )(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(
-        _scaled(256, amp_factor),
+        scaled(EMBEDDING_UNITS, amp_factor),
         activation=None,  # linear: the window embedding, as in the reference
         kernel_initializer=init(),
         kernel_regularizer=reg(),

@@ -10,6 +10,11 @@ checkpoints once workers are back (when Spark gives up, the driver submits the s
 finished units are never redone. A
 driver that dies is resumed by running again with the same run URL: the journal says which units
 are done.
+
+Schedules: ``"lockstep"`` (default) hands results to the scheduler in the order of a virtual
+clock (mop/lockstep.py), so the same seed gives the same schedule and the same weights however
+long units really take; ``"adaptive"`` hands them on as they arrive, which never holds a worker
+back but lets timing noise change the order models visit partitions.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any, Callable
 
 from cerebro_tasks.mop.control import ControlServer, Message
 from cerebro_tasks.mop.journal import Journal, histories, resume_order
-from cerebro_tasks.mop.scheduler import HopScheduler, Unit
+from cerebro_tasks.mop.lockstep import Lockstep
+from cerebro_tasks.mop.scheduler import VAL_COST_PRIOR, HopScheduler, Unit
 from cerebro_tasks.mop.timeline import timeline_figures
 from cerebro_tasks.mop.worker import barrier_task
 from cerebro_tasks.mop.workload import ModelSpec, Workload
@@ -38,6 +44,7 @@ ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | N
 
 
 RUN_LOCK = "run.lock"
+SCHEDULES = ("lockstep", "adaptive")
 LOCK_HEARTBEAT_S = 30.0
 
 
@@ -63,7 +70,9 @@ class MopDriver:
 
     def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
-                 lock_wait_s: float = 4 * LOCK_HEARTBEAT_S) -> None:
+                 lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep") -> None:
+        if schedule not in SCHEDULES:
+            raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         self.spark = spark
         self.workload = workload
         self.store = Store(run_url)
@@ -74,11 +83,15 @@ class MopDriver:
         self.lock_wait_s = lock_wait_s
         self.journal = Journal(self.store)
         self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
+        self.schedule = schedule
+        self._lockstep = Lockstep(self._unit_cost) if schedule == "lockstep" else None
+        # a lost worker or failed unit is not replayed in lockstep: from then on dispatch freely
+        self._perturbed = False
         self.specs: dict[str, ModelSpec] = {}
         self._conns: dict[str, Connection] = {}
         self._running: dict[str, Unit] = {}
         self._worker_info: dict[str, dict[str, Any]] = {}
-        self._joined = 0
+        self._joins: dict[int, int] = {}  # partition -> workers that joined for it
         self._units_run = 0
         self._records: list[dict[str, Any]] = []
         self._completed_models: set[str] = set()
@@ -153,6 +166,9 @@ class MopDriver:
                 self._receive(timeout=0.5, on_model_done=on_model_done)
                 if had_workers and not self._conns:
                     job_started = time.time()  # all gone: Spark restarts the stage; time its start afresh
+            if self._lockstep and self._units_run:
+                log.info("lockstep: %d of %d results came in before their turn and waited for it",
+                         self._lockstep.held, self._units_run)
             for conn in self._conns.values():
                 _send_quietly(conn, Message.stop())
             if job is not None:
@@ -179,8 +195,8 @@ class MopDriver:
                 # stage): forget the old worker even if its connection has not dropped yet
                 if old in self._conns and info["partition"] == partition:
                     self._lose_worker(old)
-            self._joined += 1
-            worker_id = f"p{partition}.{self._joined}"
+            self._joins[partition] = self._joins.get(partition, 0) + 1
+            worker_id = f"p{partition}.{self._joins[partition]}"  # named by partition: same run, same ids
             self._conns[worker_id] = conn
             self._worker_info[worker_id] = {"partition": partition, **hello.payload["info"]}
             self.scheduler.worker_joined(worker_id, partition)
@@ -196,9 +212,19 @@ class MopDriver:
                 log.log(level, "%s", idle)
             self._last_idle = idle
 
+    def _unit_cost(self, unit: Unit) -> float:
+        """Lockstep's virtual duration: the workload's relative cost of the model (default 1)."""
+        relative_cost = getattr(self.workload, "relative_cost", None)
+        cost = float(relative_cost(self.specs[unit.model_id])) if relative_cost else 1.0
+        return cost if unit.kind == "train" else cost * VAL_COST_PRIOR
+
     def _dispatch(self) -> None:
+        if self._lockstep and not self._perturbed and len(self.scheduler.workers) < self.num_workers:
+            return  # lockstep starts when all W workers are in, so the first picks do not race
         for worker_id, unit in self.scheduler.assign():
             self._running[worker_id] = unit
+            if self._lockstep:
+                self._lockstep.dispatched(worker_id, unit)
             if not _send_quietly(self._conns[worker_id], Message.unit(unit, self.specs[unit.model_id])):
                 self._lose_worker(worker_id)
 
@@ -216,22 +242,39 @@ class MopDriver:
                 continue
             unit = msg.payload["unit"]
             self._running.pop(worker_id, None)
-            if msg.kind == "done":
-                self._unit_done(worker_id, unit, msg.payload["result"], on_model_done)
+            if msg.kind == "done" and self._lockstep:
+                self._lockstep.arrived(worker_id, msg.payload["result"])
+                self._release_in_lockstep(on_model_done)
+            elif msg.kind == "done":
+                result = msg.payload["result"]
+                self._unit_done(worker_id, unit, result, result["end"] - result["start"], on_model_done)
             elif msg.kind == "fatal":
                 raise MopError(f"{msg.payload['error']} (worker {worker_id}, run {self.store.url})")
             elif msg.kind == "failed":
                 log.error("unit %s failed on %s:\n%s", unit, worker_id, msg.payload["error"])
+                self._forget_in_lockstep(worker_id)
                 self.scheduler.unit_failed(worker_id, unit)
                 self._check_model(unit.model_id, on_model_done)
 
-    def _unit_done(self, worker_id: str, unit: Unit, result: dict[str, Any],
+    def _release_in_lockstep(self, on_model_done: ModelDoneCallback | None) -> None:
+        # one event, then assign(), then the next: exactly the sequence a simulation would see
+        while (ready := self._lockstep.pop_ready()) is not None:
+            worker_id, unit, result, duration = ready
+            self._unit_done(worker_id, unit, result, duration, on_model_done)
+            self._dispatch()
+
+    def _forget_in_lockstep(self, worker_id: str) -> None:
+        if self._lockstep:
+            self._lockstep.forget(worker_id)
+            self._perturbed = True
+
+    def _unit_done(self, worker_id: str, unit: Unit, result: dict[str, Any], duration: float,
                    on_model_done: ModelDoneCallback | None) -> None:
         result = {**result, "worker_id": worker_id, "partition": unit.partition}
         self.journal.record(unit, result)  # journal first: a unit is done once it is on record
         self._records.append({"unit": asdict(unit), **result})
         self._units_run += 1
-        self.scheduler.unit_finished(worker_id, unit, duration=result["end"] - result["start"])
+        self.scheduler.unit_finished(worker_id, unit, duration=duration)
         self._log_progress(unit, result)
         self._check_model(unit.model_id, on_model_done)
 
@@ -257,6 +300,7 @@ class MopDriver:
         if conn is not None:
             conn.close()
         self._running.pop(worker_id, None)
+        self._forget_in_lockstep(worker_id)
         lost = self.scheduler.worker_left(worker_id)
         log.warning("worker %s left%s", worker_id, f"; unit {lost} will run again" if lost else "")
 

@@ -47,3 +47,7 @@ class Workload(Protocol):
 
     def custom_objects(self) -> dict[str, Any]:
         """Objects Keras needs to load a checkpoint of this workload's models."""
+
+    # Optional: ``relative_cost(spec) -> float``, a deterministic estimate of a model's training
+    # time per unit (any scale, > 0). The lockstep schedule (mop/lockstep.py) times units with it;
+    # without it every model costs 1. Computed on the driver: keep it free of TensorFlow.

@@ -1,0 +1,137 @@
+"""Lockstep with simulated workers: real durations change, the schedule does not (milliseconds)."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from cerebro_tasks.mop.lockstep import Lockstep
+from cerebro_tasks.mop.scheduler import HopScheduler, Unit
+
+COST = {"m0": 1.0, "m1": 2.0, "m2": 0.5, "m3": 1.5, "m4": 1.0}
+
+
+def cost(unit: Unit) -> float:
+    return COST[unit.model_id] * (1.0 if unit.kind == "train" else 1 / 3)
+
+
+def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool = False) -> list[tuple[str, Unit]]:
+    """Drive scheduler + lockstep with real durations = cost x noise; returns the dispatch order.
+
+    ``noise_seed=None`` feeds the scheduler the costs themselves, with no lockstep: the simulation
+    a lockstep run must reproduce.
+    """
+    rng = random.Random(noise_seed)
+    s = HopScheduler(P, seed=7)
+    for m in ("m0", "m1", "m2"):
+        s.add_model(m, epochs)
+    for p in range(P):
+        s.worker_joined(f"w{p}", p)
+    lock = Lockstep(cost) if noise_seed is not None else None
+    trace: list[tuple[str, Unit]] = []
+    heap: list[tuple[float, str, Unit]] = []
+    clock = 0.0
+
+    def dispatch() -> None:
+        for worker_id, unit in s.assign():
+            trace.append((worker_id, unit))
+            real = cost(unit) * (rng.uniform(0.3, 3.0) if lock else 1.0)
+            heapq.heappush(heap, (clock + real, worker_id, unit))
+            if lock:
+                lock.dispatched(worker_id, unit)
+
+    def finished(worker_id: str, unit: Unit, duration: float) -> None:
+        s.unit_finished(worker_id, unit, duration)
+        status = s.model_status(unit.model_id)
+        if add_on_done and status.state == "done" and len(s.model_ids()) < 5:  # TPE-like: learns, adds
+            s.add_model(f"m{len(s.model_ids())}", epochs)
+        dispatch()
+
+    dispatch()
+    while heap:
+        clock, worker_id, unit = heapq.heappop(heap)
+        if lock is None:
+            finished(worker_id, unit, cost(unit))
+            continue
+        lock.arrived(worker_id, {"unit": unit})
+        while (ready := lock.pop_ready()) is not None:
+            w, u, result, duration = ready
+            assert result["unit"] == u and duration == cost(u)
+            finished(w, u, duration)
+    assert s.done
+    return trace
+
+
+@pytest.mark.parametrize("add_on_done", [False, True])
+def test_same_schedule_whatever_the_real_durations(add_on_done: bool) -> None:
+    simulated = run(None, add_on_done=add_on_done)
+    for noise_seed in range(8):
+        assert run(noise_seed, add_on_done=add_on_done) == simulated
+
+
+def test_without_lockstep_noise_changes_the_schedule() -> None:
+    """The reason lockstep exists: fed real durations, the scheduler's order follows the noise."""
+    rng_runs = []
+    for noise_seed in range(4):
+        rng = random.Random(noise_seed)
+        s = HopScheduler(3, seed=7)
+        for m in ("m0", "m1", "m2"):
+            s.add_model(m, 3)
+        for p in range(3):
+            s.worker_joined(f"w{p}", p)
+        heap: list[tuple[float, str, Unit]] = []
+        trace = []
+        clock = 0.0
+        while True:
+            for worker_id, unit in s.assign():
+                trace.append((worker_id, unit))
+                heapq.heappush(heap, (clock + cost(unit) * rng.uniform(0.3, 3.0), worker_id, unit))
+            if not heap:
+                break
+            clock, worker_id, unit = heapq.heappop(heap)
+            s.unit_finished(worker_id, unit, cost(unit))
+        rng_runs.append(trace)
+    assert any(t != rng_runs[0] for t in rng_runs[1:])
+
+
+def test_results_wait_for_their_virtual_turn() -> None:
+    lock = Lockstep(lambda u: 1.0 if u.model_id == "a" else 2.0)
+    a, b = Unit("a", 0, "train", 0, 0), Unit("b", 0, "train", 1, 0)
+    lock.dispatched("w0", a)
+    lock.dispatched("w1", b)
+    lock.arrived("w1", "b done")  # b really finished first, but virtually finishes at 2
+    assert lock.pop_ready() is None and lock.waiting == ["w1"] and lock.held == 1
+    lock.arrived("w0", "a done")
+    assert lock.pop_ready() == ("w0", a, "a done", 1.0) and lock.now == 1.0
+    assert lock.pop_ready() == ("w1", b, "b done", 2.0) and lock.now == 2.0
+    assert lock.pop_ready() is None
+
+
+def test_ties_go_to_the_lower_partition() -> None:
+    lock = Lockstep(lambda u: 1.0)
+    units = [Unit("a", 0, "train", 1, 0), Unit("b", 0, "train", 0, 0)]
+    lock.dispatched("w1", units[0])
+    lock.dispatched("w0", units[1])
+    lock.arrived("w1", 1)
+    assert lock.pop_ready() is None  # w0 (partition 0) finishes at the same virtual time: it goes first
+    lock.arrived("w0", 0)
+    assert [lock.pop_ready()[0], lock.pop_ready()[0]] == ["w0", "w1"]
+
+
+def test_forget_unblocks_the_others_and_bad_calls_raise() -> None:
+    lock = Lockstep(lambda u: 1.0 if u.partition == 0 else 5.0)
+    a, b = Unit("a", 0, "train", 0, 0), Unit("b", 0, "train", 1, 0)
+    lock.dispatched("w0", a)
+    lock.dispatched("w1", b)
+    lock.arrived("w1", "b")
+    assert lock.forget("w0") == a and lock.forget("w0") is None  # w0 lost: b need not wait for it
+    assert lock.pop_ready() == ("w1", b, "b", 5.0)
+    with pytest.raises(ValueError, match="runs nothing"):
+        lock.arrived("w1", "again")
+    lock.dispatched("w1", b)
+    with pytest.raises(ValueError, match="already runs"):
+        lock.dispatched("w1", a)
+    with pytest.raises(ValueError, match="must be > 0"):
+        Lockstep(lambda u: 0.0).dispatched("w0", a)
