@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONF = {"search_space": {"learning_rate": [0.003, 0.001], "amp_factor": [0.25], "l2": [0.0001], "window_minutes": [3]},
-        "num_epochs": 2, "num_workers": 2, "batch_size": 16}
+        "num_epochs": 3, "num_workers": 2, "batch_size": 16}
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def home(airflow_env):
 
 def synth(home: str, subjects: int, env: dict[str, str]) -> None:
     run(["cerebro-tasks", "synth", "--out", f"{home}/h5", "--subjects", str(subjects), "--days", "2",
-         "--windows-per-day", "720", "--seed", "7"], env)
+         "--windows-per-day", "1440", "--seed", "7"], env)
 
 
 def dags_test(logical_date: str, conf: dict, env: dict[str, str], ok: bool = True) -> str:
