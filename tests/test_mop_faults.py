@@ -11,8 +11,10 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
+from pyspark import cloudpickle  # the copy Spark pickles tasks with
 
 from cerebro_tasks.mop.journal import Journal
 from cerebro_tasks.mop.runtime import MopDriver
@@ -102,3 +104,35 @@ def test_driver_killed_then_resubmitted_resumes(tmp_path):
     # only the units not yet on record were run again (at most W were in flight at the kill)
     assert result["units_run"] == TOTAL_UNITS - done_before
     assert all(len(v) == EPOCHS for h in result["histories"].values() for v in h.values())
+
+
+# the workers cannot import this test module: ship its classes by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@dataclass(frozen=True)
+class HangOnceWorkload(SyntheticWorkload):
+    """m1's first train unit hangs (a deadlocked input pipeline, say); its re-run does not."""
+
+    marker: str = ""
+
+    def inputs(self, data, spec, *, training, seed):
+        if training and spec.model_id == "m1" and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)
+        return super().inputs(data, spec, training=training, seed=seed)
+
+
+def test_hung_unit_is_failed_and_its_worker_restarted(spark, tmp_path):
+    marker = str(tmp_path / "hung")
+    workload = HangOnceWorkload(rows_per_partition=2_000, features=8, marker=marker)
+    started = time.time()
+    driver = MopDriver(spark, workload, str(tmp_path / "run"), num_workers=WORKERS, seed=3, unit_timeout_s=8)
+    for spec in specs():
+        driver.add(spec)
+    result = driver.run()
+    assert os.path.exists(marker)  # the hang happened
+    assert_each_unit_once(result.records)
+    assert not result.failed_models and time.time() - started < 240
+    status = driver.scheduler.model_status("m1")
+    assert status.state == "done" and status.retries == 1  # the hang was charged to its unit

@@ -7,7 +7,9 @@
 Fault tolerance: when a worker dies, Spark restarts the whole barrier stage, so the units running
 on all workers at that moment go back to the scheduler and are re-run from their models' last
 checkpoints once workers are back (when Spark gives up, the driver submits the stage again);
-finished units are never redone. A
+finished units are never redone. A unit that hangs (it runs far longer than its
+cost says it should) counts as failed, and the driver cancels the stage so Spark's restart takes
+its worker back. A
 driver that dies is resumed by running again with the same run URL: the journal says which units
 are done.
 
@@ -23,6 +25,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
@@ -45,6 +48,11 @@ ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | N
 
 RUN_LOCK = "run.lock"
 SCHEDULES = ("lockstep", "adaptive")
+# A unit is hung once it runs this many times longer than expected (the slowest observed seconds
+# per unit of cost, times its cost), and at least UNIT_TIMEOUT_MIN_S: generous, since a false
+# alarm costs a stage restart, and a hang otherwise costs the whole run.
+UNIT_TIMEOUT_FACTOR = 10.0
+UNIT_TIMEOUT_MIN_S = 60.0
 LOCK_HEARTBEAT_S = 30.0
 
 
@@ -70,7 +78,8 @@ class MopDriver:
 
     def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
-                 lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep") -> None:
+                 lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
+                 unit_timeout_s: float | None = None) -> None:
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         self.spark = spark
@@ -81,12 +90,15 @@ class MopDriver:
         self.max_job_attempts = max_job_attempts
         self.start_timeout_s = start_timeout_s
         self.lock_wait_s = lock_wait_s
+        self.unit_timeout_s = unit_timeout_s  # None: from observed durations (see UNIT_TIMEOUT_FACTOR)
         self.journal = Journal(self.store)
         self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
         self.schedule = schedule
         self._lockstep = Lockstep(self._unit_cost) if schedule == "lockstep" else None
         # a lost worker or failed unit is not replayed in lockstep: from then on dispatch freely
         self._perturbed = False
+        self._dispatched_at: dict[str, float] = {}  # worker -> when its unit in flight was sent
+        self._s_per_cost = 0.0  # slowest observed seconds per unit of cost
         self.specs: dict[str, ModelSpec] = {}
         self._conns: dict[str, Connection] = {}
         self._running: dict[str, Unit] = {}
@@ -164,6 +176,7 @@ class MopDriver:
                 self._dispatch()
                 self._explain_idle()
                 self._receive(timeout=0.5, on_model_done=on_model_done)
+                self._fail_hung_units(job, on_model_done)
                 if had_workers and not self._conns:
                     job_started = time.time()  # all gone: Spark restarts the stage; time its start afresh
             if self._lockstep and self._units_run:
@@ -223,6 +236,7 @@ class MopDriver:
             return  # lockstep starts when all W workers are in, so the first picks do not race
         for worker_id, unit in self.scheduler.assign():
             self._running[worker_id] = unit
+            self._dispatched_at[worker_id] = time.time()
             if self._lockstep:
                 self._lockstep.dispatched(worker_id, unit)
             if not _send_quietly(self._conns[worker_id], Message.unit(unit, self.specs[unit.model_id])):
@@ -256,6 +270,30 @@ class MopDriver:
                 self.scheduler.unit_failed(worker_id, unit)
                 self._check_model(unit.model_id, on_model_done)
 
+    def _unit_limit_s(self, unit: Unit) -> float | None:
+        if self.unit_timeout_s is not None:
+            return self.unit_timeout_s
+        if not self._s_per_cost:
+            return None  # nothing observed yet: no basis for calling anything hung
+        return max(UNIT_TIMEOUT_MIN_S, UNIT_TIMEOUT_FACTOR * self._s_per_cost * self._unit_cost(unit))
+
+    def _fail_hung_units(self, job: _BarrierJob, on_model_done: ModelDoneCallback | None) -> None:
+        now = time.time()
+        for worker_id, unit in list(self._running.items()):
+            limit = self._unit_limit_s(unit)
+            ran = now - self._dispatched_at[worker_id]
+            if limit is None or ran <= limit:
+                continue
+            again = self.scheduler.unit_failed(worker_id, unit)  # charges a retry: the unit may be at fault
+            self._running.pop(worker_id)
+            self._forget_in_lockstep(worker_id)
+            log.error("unit %s has run %.0f s on worker %s, over its limit of %.0f s: counted as failed (%s); "
+                      "cancelling the worker stage so Spark restarts it", unit, ran, worker_id, limit,
+                      "it will run again" if again else f"model {unit.model_id} is given up")
+            self._lose_worker(worker_id)
+            self._check_model(unit.model_id, on_model_done)
+            job.cancel()  # a hung Python worker only goes away with its task
+
     def _release_in_lockstep(self, on_model_done: ModelDoneCallback | None) -> None:
         # one event, then assign(), then the next: exactly the sequence a simulation would see
         while (ready := self._lockstep.pop_ready()) is not None:
@@ -274,6 +312,7 @@ class MopDriver:
         self.journal.record(unit, result)  # journal first: a unit is done once it is on record
         self._records.append({"unit": asdict(unit), **result})
         self._units_run += 1
+        self._s_per_cost = max(self._s_per_cost, (result["end"] - result["start"]) / self._unit_cost(unit))
         self.scheduler.unit_finished(worker_id, unit, duration=duration)
         self._log_progress(unit, result)
         self._check_model(unit.model_id, on_model_done)
@@ -330,12 +369,14 @@ class _BarrierJob:
     def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str) -> None:
         self.error: str | None = None
         self._done = threading.Event()
-        sc = spark.sparkContext
+        self._sc = sc = spark.sparkContext
+        self.group = f"mop-{uuid.uuid4().hex[:12]}"
         fn = barrier_task(server.address, server.secret, workload, run_url)
 
         def target() -> None:
             try:
-                sc.setJobDescription(f"MOP workers ({num_workers})")
+                # interruptOnCancel: cancelling kills the tasks' Python workers, even a hung one
+                sc.setJobGroup(self.group, f"MOP workers ({num_workers})", interruptOnCancel=True)
                 sc.parallelize(range(num_workers), num_workers).barrier().mapPartitions(fn).collect()
             except Exception as e:  # reported to the driver loop, which decides to resubmit or fail
                 self.error = _root_cause(e)
@@ -352,6 +393,9 @@ class _BarrierJob:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    def cancel(self) -> None:
+        self._sc.cancelJobGroup(self.group)
 
 
 def _root_cause(e: BaseException) -> str:
