@@ -81,6 +81,13 @@ def build_model(params: dict[str, Any], seed: int | None = None) -> Any:
                             l2=float(p["l2"]), learning_rate=float(p["learning_rate"]), seed=seed)
 
 
+def relative_cost(params: dict[str, Any]) -> float:
+    """A configuration's training time per window, estimated without Keras: millions of parameters."""
+    from cerebro_tasks.models.architecture import parameter_count
+
+    return parameter_count(float(model_params(params)["amp_factor"])) / 1e6
+
+
 def custom_objects() -> dict[str, Any]:
     from cerebro_tasks.models.cnn_bilstm import CUSTOM_OBJECTS
 
@@ -120,12 +127,6 @@ class DeepPosturesWorkload:
             x, y, w = x[order], y[order], w[order]
         return UnitInputs(x=x, y=y, sample_weight=w, num_samples=len(y),
                           batch_size=int(p.get("batch_size", self.batch_size)))
-
-    def relative_cost(self, spec: ModelSpec) -> float:
-        """Training cost per window, for lockstep scheduling: millions of parameters (see architecture.py)."""
-        from cerebro_tasks.models.architecture import parameter_count
-
-        return parameter_count(float(model_params(spec.params)["amp_factor"])) / 1e6
 
     def custom_objects(self) -> dict[str, Any]:
         return custom_objects()

@@ -14,12 +14,14 @@ def config(**search) -> TrainConfig:
 
 def test_grid_ids_and_seeds_are_stable_and_resume_continues_numbering():
     c = TrainConfig.from_dict({"prepared_url": "/p", "store_url": "/s", "run_id": "r",
-                               "search": {"space": {"a": [1, 2, 3]}, "seed": 10}})
+                               "search": {"space": {"amp_factor": [1, 2, 4]}, "seed": 10}})
     specs = SearchPlan(c).initial({})
-    assert [(s.model_id, s.params, s.seed) for s in specs] == [("m000", {"a": 1}, 10), ("m001", {"a": 2}, 11),
-                                                                ("m002", {"a": 3}, 12)]
+    assert [(s.model_id, s.params, s.seed) for s in specs] == [
+        ("m000", {"amp_factor": 1}, 10), ("m001", {"amp_factor": 2}, 11), ("m002", {"amp_factor": 4}, 12)]
     resumed = SearchPlan(c).initial({s.model_id: s for s in specs[:2]})
-    assert [(s.model_id, s.params) for s in resumed] == [("m002", {"a": 3})]
+    assert [(s.model_id, s.params) for s in resumed] == [("m002", {"amp_factor": 4})]
+    # the lockstep clock times each model by its size: millions of parameters
+    assert [round(s.cost, 1) for s in specs] == [1.7, 6.0, 22.5]
 
 
 def test_random_search_is_reproducible():

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cerebro_tasks.config import ConfigError, TrainConfig
-from cerebro_tasks.deeppostures import DeepPosturesWorkload, check_search
+from cerebro_tasks.deeppostures import DeepPosturesWorkload, check_search, relative_cost
 from cerebro_tasks.mop.runtime import MopDriver, MopError
 from cerebro_tasks.mop.timeline import plot_timeline
 from cerebro_tasks.mop.worker import checkpoint_name
@@ -51,7 +51,7 @@ class SearchPlan:
 
     def _spec(self, params: dict[str, Any]) -> ModelSpec:
         spec = ModelSpec(model_id=f"m{self.proposed:03d}", params=params, num_epochs=self.search.num_epochs,
-                         seed=self.search.seed + self.proposed)
+                         seed=self.search.seed + self.proposed, cost=relative_cost(params))
         self.proposed += 1
         return spec
 

@@ -14,7 +14,7 @@ sequence of a simulation with the estimated durations: same seed, same schedule,
 
 The price is waiting: a worker whose unit really finished early may sit idle until the units
 that virtually finish before it are in. With balanced partitions and costs that track reality
-(`Workload.relative_cost`) this is small; ``bench/mop_local.py`` measures lockstep against the
+(`ModelSpec.cost`) this is small; ``bench/mop_local.py`` measures lockstep against the
 adaptive schedule (real durations, no waiting).
 
 Failures (a worker lost, a unit failed) are not timed: the driver reports them at once, the run

@@ -114,6 +114,8 @@ class MopDriver:
     def add(self, spec: ModelSpec) -> None:
         if spec.model_id in self.specs:
             raise MopError(f"model id {spec.model_id!r} added twice")
+        if not spec.cost > 0:
+            raise MopError(f"model {spec.model_id!r}: cost must be > 0, got {spec.cost!r}")
         self.specs[spec.model_id] = spec
         self.scheduler.add_model(spec.model_id, spec.num_epochs)
         self._save_run_spec()
@@ -226,9 +228,8 @@ class MopDriver:
             self._last_idle = idle
 
     def _unit_cost(self, unit: Unit) -> float:
-        """Lockstep's virtual duration: the workload's relative cost of the model (default 1)."""
-        relative_cost = getattr(self.workload, "relative_cost", None)
-        cost = float(relative_cost(self.specs[unit.model_id])) if relative_cost else 1.0
+        """A unit's expected duration in its model's cost units (lockstep's clock, hang limits)."""
+        cost = float(self.specs[unit.model_id].cost)
         return cost if unit.kind == "train" else cost * VAL_COST_PRIOR
 
     def _dispatch(self) -> None:

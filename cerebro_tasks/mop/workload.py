@@ -19,6 +19,9 @@ class ModelSpec:
     params: dict[str, Any]
     num_epochs: int
     seed: int = 0
+    # Estimated training time per unit, any scale (> 0): the lockstep schedule's clock
+    # (mop/lockstep.py). Deterministic and cheap: e.g. the parameter count in millions.
+    cost: float = 1.0
 
 
 @dataclass
@@ -47,7 +50,3 @@ class Workload(Protocol):
 
     def custom_objects(self) -> dict[str, Any]:
         """Objects Keras needs to load a checkpoint of this workload's models."""
-
-    # Optional: ``relative_cost(spec) -> float``, a deterministic estimate of a model's training
-    # time per unit (any scale, > 0). The lockstep schedule (mop/lockstep.py) times units with it;
-    # without it every model costs 1. Computed on the driver: keep it free of TensorFlow.

@@ -41,6 +41,14 @@ _TERMINAL = ("done", "stopped", "failed")
 _ALIASES = {"acc": ["acc", "accuracy"], "accuracy": ["accuracy", "acc"]}
 
 
+def _size_in_millions(model: Any) -> float:
+    """The lockstep clock's estimate of a model's training time: its parameter count (1 if unbuilt)."""
+    try:
+        return max(int(model.count_params()), 1) / 1e6
+    except ValueError:  # a subclassed model not built yet has no weights to count
+        return 1.0
+
+
 def _seed_of(*keys: int) -> int:
     """A 31-bit seed derived from ``keys`` (independent streams for splits, models, samplers)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -204,7 +212,7 @@ class ModelSelection:
         publish_estimator(estimator, self._run_store, model_id, params=params, feature_columns=self.feature_cols,
                           label_columns=self.label_cols, column_meta=self._metadata)
         self._say(f"Model: {model_id}, " + ", ".join(f"{k}: {v}" for k, v in params.items()))
-        return ModelSpec(model_id, params, self.num_epochs, seed)
+        return ModelSpec(model_id, params, self.num_epochs, seed, cost=_size_in_millions(estimator.getModel()))
 
     def _resolve_metric(self, history: Mapping[str, Any]) -> str | None:
         if self._metric_key is not None:
