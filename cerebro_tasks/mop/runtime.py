@@ -286,12 +286,10 @@ class MopDriver:
             if limit is None or ran <= limit:
                 continue
             again = self.scheduler.unit_failed(worker_id, unit)  # charges a retry: the unit may be at fault
-            self._running.pop(worker_id)
-            self._forget_in_lockstep(worker_id)
             log.error("unit %s has run %.0f s on worker %s, over its limit of %.0f s: counted as failed (%s); "
                       "cancelling the worker stage so Spark restarts it", unit, ran, worker_id, limit,
                       "it will run again" if again else f"model {unit.model_id} is given up")
-            self._lose_worker(worker_id)
+            self._lose_worker(worker_id)  # after unit_failed, so the unit is not also put back uncharged
             self._check_model(unit.model_id, on_model_done)
             job.cancel()  # a hung Python worker only goes away with its task
 
