@@ -45,9 +45,26 @@ def zero_features(dataset):
     return dataset.map(lambda row: row._replace(features=row.features * 0.0))
 
 
+UNIT_LOG: list[str] = []  # where the test below wants its callback to write
+
+
 def blind_estimator_gen_fn(params):
     # defined in this test module, which Spark workers cannot import: it must travel by value
-    return estimator_gen_fn(params).setTransformationFn(zero_features)
+    import keras
+
+    class UnitLog(keras.callbacks.Callback):
+        """Appends one line per training unit (one fit call: a sub-epoch on one partition)."""
+
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.path = path
+
+        def on_train_end(self, logs=None):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(sorted(logs or {})) + "\n")
+
+    return (estimator_gen_fn(params).setTransformationFn(zero_features)
+            .setCallbacks([UnitLog(UNIT_LOG[0])] if UNIT_LOG else []))
 
 
 # fast: no Spark -------------------------------------------------------------------------------------------
@@ -280,11 +297,12 @@ def test_search_leaves_summary_plots_and_tensorboard(grid):
 
 
 @pytest.mark.slow
-def test_random_search_on_prepared_data_transformation_fn_and_resume(grid, workspace):
+def test_random_search_on_prepared_data_transformation_fn_and_resume(grid, workspace, tmp_path):
     from cerebro_tasks import RandomSearch
     from cerebro_tasks.tune.grid import _seed_of
 
     _, backend, store = workspace
+    UNIT_LOG[:] = [str(tmp_path / "units.log")]
     space = {"lr": hp_loguniform(-3, -1), "units": hp_quniform(4, 12, 4)}
 
     def search():
@@ -304,9 +322,12 @@ def test_random_search_on_prepared_data_transformation_fn_and_resume(grid, works
     share = float(labels.mean())
     for h in first.get_all_model_history().values():
         assert min(abs(h["val_acc"][-1] - share), abs(h["val_acc"][-1] - (1 - share))) < 1e-6
+    # the estimator's callbacks ran in every training unit: 2 models x 1 epoch x 2 partitions
+    units = open(UNIT_LOG[0]).read().splitlines()
+    assert len(units) == 4 and all("loss" in json.loads(line) for line in units), units
     # the same run id again: everything is in the journal, nothing is trained twice
     again = search().fit_on_prepared_data()
-    assert again.mop_result.units_run == 0
+    assert again.mop_result.units_run == 0 and len(open(UNIT_LOG[0]).read().splitlines()) == 4
     assert again.get_all_model_history() == first.get_all_model_history()
     assert again.best_model_id == first.best_model_id
 
