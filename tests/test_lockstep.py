@@ -17,11 +17,13 @@ def cost(unit: Unit) -> float:
     return COST[unit.model_id] * (1.0 if unit.kind == "train" else 1 / 3)
 
 
-def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool = False) -> list[tuple[str, Unit]]:
-    """Drive scheduler + lockstep with real durations = cost x noise; returns the dispatch order.
+def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool = False,
+        lockstep: bool = True) -> list[tuple[str, Unit]]:
+    """Drive the scheduler with real durations = cost x noise; returns the dispatch order.
 
-    ``noise_seed=None`` feeds the scheduler the costs themselves, with no lockstep: the simulation
-    a lockstep run must reproduce.
+    ``noise_seed=None``: real durations are the costs themselves and there is no lockstep, the
+    simulation a lockstep run must reproduce. ``lockstep=False``: results reach the scheduler in
+    real finish order (the adaptive schedule).
     """
     rng = random.Random(noise_seed)
     s = HopScheduler(P, seed=7)
@@ -29,7 +31,8 @@ def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool =
         s.add_model(m, epochs)
     for p in range(P):
         s.worker_joined(f"w{p}", p)
-    lock = Lockstep(cost) if noise_seed is not None else None
+    noisy = noise_seed is not None
+    lock = Lockstep(cost) if noisy and lockstep else None
     trace: list[tuple[str, Unit]] = []
     heap: list[tuple[float, str, Unit]] = []
     clock = 0.0
@@ -37,7 +40,7 @@ def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool =
     def dispatch() -> None:
         for worker_id, unit in s.assign():
             trace.append((worker_id, unit))
-            real = cost(unit) * (rng.uniform(0.3, 3.0) if lock else 1.0)
+            real = cost(unit) * (rng.uniform(0.3, 3.0) if noisy else 1.0)
             heapq.heappush(heap, (clock + real, worker_id, unit))
             if lock:
                 lock.dispatched(worker_id, unit)
@@ -72,28 +75,9 @@ def test_same_schedule_whatever_the_real_durations(add_on_done: bool) -> None:
 
 
 def test_without_lockstep_noise_changes_the_schedule() -> None:
-    """The reason lockstep exists: fed real durations, the scheduler's order follows the noise."""
-    rng_runs = []
-    for noise_seed in range(4):
-        rng = random.Random(noise_seed)
-        s = HopScheduler(3, seed=7)
-        for m in ("m0", "m1", "m2"):
-            s.add_model(m, 3)
-        for p in range(3):
-            s.worker_joined(f"w{p}", p)
-        heap: list[tuple[float, str, Unit]] = []
-        trace = []
-        clock = 0.0
-        while True:
-            for worker_id, unit in s.assign():
-                trace.append((worker_id, unit))
-                heapq.heappush(heap, (clock + cost(unit) * rng.uniform(0.3, 3.0), worker_id, unit))
-            if not heap:
-                break
-            clock, worker_id, unit = heapq.heappop(heap)
-            s.unit_finished(worker_id, unit, cost(unit))
-        rng_runs.append(trace)
-    assert any(t != rng_runs[0] for t in rng_runs[1:])
+    """The reason lockstep exists: fed real finish order, the scheduler's choices follow the noise."""
+    traces = [run(noise_seed, lockstep=False) for noise_seed in range(4)]
+    assert any(t != traces[0] for t in traces[1:])
 
 
 def test_results_wait_for_their_virtual_turn() -> None:
