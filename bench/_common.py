@@ -12,8 +12,8 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 
 def converted_study(folder: str, *, subjects: int, days: int, windows_per_day: int, spark: Any) -> str:
     """Generate a study into `folder/h5` and convert it; returns the dataset path."""
-    from cerebro_tasks.data.convert import convert
-    from cerebro_tasks.data.synth import synthesize
+    from cerebro_tasks.deeppostures.convert import convert
+    from cerebro_tasks.deeppostures.synth import synthesize
 
     synthesize(f"{folder}/h5", subjects=subjects, days=days, seed=7, windows_per_day=windows_per_day)
     convert(f"{folder}/h5", f"{folder}/dataset", spark=spark)

@@ -10,7 +10,7 @@ on one machine:
   the same per-column compression as the dataset; two physical forms of ``data``
   (``list<float32>``, and raw float32 bytes, the cheapest thing Parquet can store), the faster
   of the two being the ceiling;
-* **full conversion** with :func:`cerebro_tasks.data.convert.convert` on ``local[cores]``
+* **full conversion** with :func:`cerebro_tasks.deeppostures.convert.convert` on ``local[cores]``
   (Spark session started beforehand, not timed), as windows/s and H5 MB/s, and its ratio to the
   ceiling (goal >= 0.5);
 * **no-op re-run** and **one new subject** (goal: no-op <= 5 % of the full conversion);
@@ -44,10 +44,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cerebro_tasks.data import h5format  # noqa: E402
-from cerebro_tasks.data import petastorm_io as pio  # noqa: E402
-from cerebro_tasks.data.convert import convert  # noqa: E402
-from cerebro_tasks.data.synth import synthesize  # noqa: E402
+from cerebro_tasks.deeppostures import h5format  # noqa: E402
+from cerebro_tasks.deeppostures import petastorm_io as pio  # noqa: E402
+from cerebro_tasks.deeppostures.convert import convert  # noqa: E402
+from cerebro_tasks.deeppostures.synth import synthesize  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "convert.json")
 

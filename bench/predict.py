@@ -33,9 +33,9 @@ def main() -> None:
 
     import numpy as np
 
-    from cerebro_tasks.data.petastorm_io import read_windows
-    from cerebro_tasks.data.sequences import build_prediction_sequences
-    from cerebro_tasks.deeppostures import build_model
+    from cerebro_tasks.deeppostures.petastorm_io import read_windows
+    from cerebro_tasks.deeppostures.sequences import build_prediction_sequences
+    from cerebro_tasks.deeppostures.workload import build_model
     from cerebro_tasks.jobs.predict import predict
     from cerebro_tasks.spark_session import get_spark
 

@@ -35,9 +35,9 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from cerebro_tasks.data.petastorm_io import read_windows
-    from cerebro_tasks.data.sequences import build_training_sequences
-    from cerebro_tasks.deeppostures import build_model
+    from cerebro_tasks.deeppostures.petastorm_io import read_windows
+    from cerebro_tasks.deeppostures.sequences import build_training_sequences
+    from cerebro_tasks.deeppostures.workload import build_model
     from cerebro_tasks.spark_session import get_spark
 
     params = {"amp_factor": 0.25, "window_minutes": 3, "learning_rate": 1e-3}

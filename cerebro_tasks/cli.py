@@ -42,27 +42,27 @@ def _spark(args: argparse.Namespace, app: str, workers: int | None = None) -> An
 
 
 def cmd_synth(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.data.synth import run_cli
+    from cerebro_tasks.deeppostures.synth import run_cli
 
     paths = run_cli(args)
     return {"h5_root": args.out, "files": len(paths)}
 
 
 def cmd_convert(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.data.convert import convert
+    from cerebro_tasks.deeppostures.convert import convert
 
     return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast)
 
 
 def cmd_split(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.data.split import write_split
+    from cerebro_tasks.deeppostures.split import write_split
 
     return write_split(args.dataset, args.output, workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
                        test_fraction=args.test_fraction, spark=_spark(args, "cerebro-split"))
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.deeppostures import check_search
+    from cerebro_tasks.deeppostures.workload import check_search
     from cerebro_tasks.jobs.train import load_config, train
 
     config = load_config(args.config)
@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.export import export_best
+    from cerebro_tasks.deeppostures.export import export_best
 
     return export_best(args.run, args.output)
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands[name] = fn
         return p
 
-    from cerebro_tasks.data.synth import add_cli_arguments
+    from cerebro_tasks.deeppostures.synth import add_cli_arguments
 
     add_cli_arguments(add("synth", cmd_synth, "generate realistic DeepPostures H5 files", spark=False))
 
@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cerebro_tasks.data.convert import ConversionError
+    from cerebro_tasks.deeppostures.convert import ConversionError
     from cerebro_tasks.mop.runtime import MopError
-    from cerebro_tasks.store import LockedError
+    from cerebro_tasks.storage.store import LockedError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.fn(args)
         _print(result)
         if args.result_file:
-            from cerebro_tasks.store import Store
+            from cerebro_tasks.storage.store import Store
 
             folder, name = os.path.split(args.result_file.rstrip("/"))
             Store(folder or ".").write_json(result, name)

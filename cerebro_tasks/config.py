@@ -11,15 +11,12 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cerebro_tasks.tune.space import grid, parse_space
+from cerebro_tasks.errors import ConfigError
+from cerebro_tasks.search.space import grid, parse_space
 
 SEARCH_KINDS = ("grid", "random", "tpe")
 # what plugins/cerebro_operators.safe_run_id produces; no ':' (HDFS rejects it in path names)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class ConfigError(ValueError):
-    """A configuration field is missing or wrong; the message names it."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from cerebro_assets import DATASET_URL, H5_ROOT, HOME, WINDOWS_DATASET
 from cerebro_operators import CerebroSparkSubmitOperator, MOPTrainingOperator
 
 # the published DeepPostures search (16 configurations, 10 epochs, batch 128); numpy-light import
-from cerebro_tasks.deeppostures import PUBLISHED_BATCH_SIZE, PUBLISHED_EPOCHS, PUBLISHED_SPACE
+from cerebro_tasks.deeppostures.workload import PUBLISHED_BATCH_SIZE, PUBLISHED_EPOCHS, PUBLISHED_SPACE
 
 
 # what travels through XCom; the full reports stay beside the data (quarantine, split.json)
@@ -72,7 +72,7 @@ with DAG(
         from cerebro_operators import safe_run_id
 
         from cerebro_tasks.config import TrainConfig
-        from cerebro_tasks.deeppostures import check_search
+        from cerebro_tasks.deeppostures.workload import check_search
 
         rid = safe_run_id(run_id or "manual")
         p = params or {}
@@ -118,7 +118,7 @@ with DAG(
     @task
     def export(result: dict, params: dict | None = None) -> dict:
         """Publish the best model (.keras + SavedModel + metadata) and move the LATEST pointer."""
-        from cerebro_tasks.export import export_best
+        from cerebro_tasks.deeppostures.export import export_best
 
         return export_best(result["run_url"], (params or {})["export_url"])
 

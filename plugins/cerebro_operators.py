@@ -21,11 +21,11 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 
 
 def spark_entry_path() -> str:
-    """The installed `cerebro_tasks/jobs/spark_entry.py`, found without importing the package."""
+    """The installed `cerebro_tasks/spark_entry.py`, found without importing the package."""
     spec = find_spec("cerebro_tasks")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("cerebro_tasks is not installed in the Airflow worker's Python environment")
-    return os.path.join(list(spec.submodule_search_locations)[0], "jobs", "spark_entry.py")
+    return os.path.join(list(spec.submodule_search_locations)[0], "spark_entry.py")
 
 
 def safe_run_id(run_id: str) -> str:

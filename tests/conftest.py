@@ -38,7 +38,7 @@ def spark():
 @pytest.fixture(scope="session")
 def h5_tree(tmp_path_factory) -> str:
     """``<root>/<subject>/<YYYY-MM-DD>.h5`` for 4 subjects x 2 days x 120 windows. Do not modify."""
-    from cerebro_tasks.data.synth import synthesize
+    from cerebro_tasks.deeppostures.synth import synthesize
 
     root = str(tmp_path_factory.mktemp("h5") / "study")
     synthesize(root, subjects=TINY_SUBJECTS, days=TINY_DAYS, seed=TINY_SEED,

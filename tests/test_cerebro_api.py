@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cerebro_tasks.tune.space import hp_choice, hp_loguniform, hp_quniform, hp_uniform, parse_space, sample
+from cerebro_tasks.search.space import hp_choice, hp_loguniform, hp_quniform, hp_uniform, parse_space, sample
 
 ROWS, FEATURES = 320, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def test_import_is_light():
 
 def test_public_names():
     import cerebro_tasks
-    from cerebro_tasks.tune.tpe import TPESearch
+    from cerebro_tasks.cerebro.search import TPESearch
 
     for name in ("SparkBackend", "SparkEstimator", "LocalStore", "HDFSStore", "GridSearch", "RandomSearch",
                  "TPESearch", "HyperOpt", "hp_choice", "hp_uniform", "hp_quniform", "hp_loguniform",
@@ -299,7 +299,7 @@ def test_search_leaves_summary_plots_and_tensorboard(grid):
 @pytest.mark.slow
 def test_random_search_on_prepared_data_transformation_fn_and_resume(grid, workspace, tmp_path):
     from cerebro_tasks import RandomSearch
-    from cerebro_tasks.tune.grid import _seed_of
+    from cerebro_tasks.cerebro.search import _seed_of
 
     _, backend, store = workspace
     UNIT_LOG[:] = [str(tmp_path / "units.log")]
@@ -371,11 +371,11 @@ def test_several_inputs_and_outputs_are_matched_by_name(tmp_path):
     import pandas as pd
 
     from cerebro_tasks import SparkEstimator, SparkModel
-    from cerebro_tasks.estimator import workload as wl
-    from cerebro_tasks.estimator.estimator import publish_estimator
+    from cerebro_tasks.cerebro.estimator import workload as wl
+    from cerebro_tasks.cerebro.estimator import publish_estimator
     from cerebro_tasks.mop.workload import ModelSpec
-    from cerebro_tasks.store import Store
-    from cerebro_tasks.tune.result import _predict_udf
+    from cerebro_tasks.storage.store import Store
+    from cerebro_tasks.cerebro.result import _predict_udf
 
     b, a = keras.Input((1,), name="b"), keras.Input((2, 2), name="a")
     h = keras.layers.Dense(4)(keras.layers.Concatenate()([keras.layers.Flatten()(a), b]))

@@ -1,4 +1,4 @@
-"""The CHAP prediction CSV (cerebro_tasks.chap) with fake predict_fns: no model needed.
+"""The CHAP prediction CSV (cerebro_tasks.deeppostures.chap) with fake predict_fns: no model needed.
 
 Window ``i`` of every test table carries the value ``i + 1`` in all samples (so zero padding is
 recognisable), and the fake model predicts the parity of that value: each written row's
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cerebro_tasks.chap import format_timestamps, predict_subject, to_class_ids, write_csv
+from cerebro_tasks.deeppostures.chap import format_timestamps, predict_subject, to_class_ids, write_csv
 
 T0 = 1_704_153_570  # 2024-01-01 23:59:30 UTC: tables cross midnight
 
@@ -221,7 +221,7 @@ def _umask() -> int:
 
 def test_chap_and_sequences_do_not_import_tensorflow() -> None:
     code = (
-        "import sys, cerebro_tasks.chap, cerebro_tasks.data.sequences; "
+        "import sys, cerebro_tasks.deeppostures.chap, cerebro_tasks.deeppostures.sequences; "
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )

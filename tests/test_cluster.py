@@ -1,6 +1,6 @@
 """MOP on a real Spark standalone cluster (master + 2 workers on 127.0.0.1) with GPU scheduling.
 
-The cluster is the installed pyspark's own master and worker daemons (cerebro_tasks.cluster);
+The cluster is the installed pyspark's own master and worker daemons (tests.support.cluster);
 each worker declares one GPU through scripts/fake-gpu-discovery, so Spark's real resource
 scheduling hands each MOP worker task its own address. The search itself runs in a fresh Python
 (one SparkContext per process: this test session may already hold a local one), once against the
@@ -77,7 +77,7 @@ def _replay(records: list[dict[str, Any]], run_url: str) -> dict[str, dict[str, 
     from cerebro_tasks.mop.scheduler import Unit
     from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
     from cerebro_tasks.mop.worker import UnitRunner, configure_devices
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.storage.store import Store
 
     configure_devices([], 1)  # as a MOP worker with one core: same thread counts, same arithmetic
     workload = SyntheticWorkload(**WORKLOAD_KW)
@@ -166,7 +166,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     """A standalone master + 2 workers with 1 core, 1 fake GPU ("0" and "1") each; stopped after."""
-    from cerebro_tasks.cluster import standalone_cluster
+    from tests.support.cluster import standalone_cluster
 
     started = time.time()
     with standalone_cluster(workers=NUM_WORKERS, cores_per_worker=1, memory_per_worker="1g",
@@ -197,7 +197,7 @@ def _group_alive(pgid: int) -> bool:
 
 def test_cluster_stops_whatever_happens(monkeypatch, tmp_path):
     """A start that fails (here: workers cannot register in 0.5 s) still stops what it started."""
-    from cerebro_tasks import cluster as cl
+    from tests.support import cluster as cl
 
     spawned: list[int] = []
     spawn = cl._spawn

@@ -14,9 +14,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from cerebro_tasks.models.architecture import parameter_count  # noqa: E402
-from cerebro_tasks.models.cnn_bilstm import build_cnn_bilstm, window_size_for  # noqa: E402
-from cerebro_tasks.models.metrics import BalancedAccuracy, balanced_accuracy  # noqa: E402
+from cerebro_tasks.deeppostures.architecture import parameter_count  # noqa: E402
+from cerebro_tasks.deeppostures.model import build_cnn_bilstm, window_size_for  # noqa: E402
+from cerebro_tasks.deeppostures.metrics import BalancedAccuracy, balanced_accuracy  # noqa: E402
 
 T = 4  # short sequences keep the runnable tests fast
 

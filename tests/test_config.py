@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cerebro_tasks.config import ConfigError, TrainConfig
-from cerebro_tasks.tune.selection import best_model, metric_mode, rank
-from cerebro_tasks.tune.space import grid, hp_choice, hp_loguniform, hp_uniform, parse_space, sample
+from cerebro_tasks.search.selection import best_model, metric_mode, rank
+from cerebro_tasks.search.space import grid, hp_choice, hp_loguniform, hp_uniform, parse_space, sample
 
 BASE = {"prepared_url": "/p", "store_url": "/s", "run_id": "r1", "num_workers": 2,
         "search": {"space": {"learning_rate": [1e-3, 1e-4], "amp_factor": [1, 2]}, "num_epochs": 2}}

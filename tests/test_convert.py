@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cerebro_tasks.data import h5format
-from cerebro_tasks.data import petastorm_io as pio
-from cerebro_tasks.data.convert import ConversionError, convert
-from cerebro_tasks.data.synth import synthesize
+from cerebro_tasks.deeppostures import h5format
+from cerebro_tasks.deeppostures import petastorm_io as pio
+from cerebro_tasks.deeppostures.convert import ConversionError, convert
+from cerebro_tasks.deeppostures.synth import synthesize
 
 pytestmark = pytest.mark.slow
 
@@ -350,8 +350,8 @@ def test_file_url_for_input_and_output(spark, h5_tree, tmp_path):
 
 def test_a_second_conversion_of_the_same_dataset_is_refused(tmp_path, h5_tree):
     """The ingest and model-selection DAGs both convert: never two writers at once."""
-    from cerebro_tasks.data.convert import LOCK_NAME, convert
-    from cerebro_tasks.store import LockedError, Store
+    from cerebro_tasks.deeppostures.convert import LOCK_NAME, convert
+    from cerebro_tasks.storage.store import LockedError, Store
 
     dataset = Store(str(tmp_path / "dataset"))
     with dataset.lock(LOCK_NAME):
@@ -365,8 +365,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, h5_tree, spark):
     import json
     import socket
 
-    from cerebro_tasks.data.convert import LOCK_NAME, convert
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.deeppostures.convert import LOCK_NAME, convert
+    from cerebro_tasks.storage.store import Store
 
     dataset = Store(str(tmp_path / "dataset"))
     dataset.write_bytes(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345}).encode(), LOCK_NAME)

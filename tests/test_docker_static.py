@@ -356,9 +356,9 @@ def test_gpu_discovery_reports_nvidia_smi_indices(tmp_path):
 
 
 def test_fake_gpu_discovery(tmp_path):
-    from cerebro_tasks.cluster import _FAKE_SCRIPT_TEXT
+    from tests.support.cluster import _FAKE_SCRIPT_TEXT
 
-    copy = tmp_path / "fake"  # the fallback copy in cerebro_tasks.cluster must behave the same
+    copy = tmp_path / "fake"  # the fallback copy in tests.support.cluster must behave the same
     copy.write_text(_FAKE_SCRIPT_TEXT)
     copy.chmod(0o755)
     for script in (os.path.join(ROOT, "scripts", "fake-gpu-discovery"), str(copy)):

@@ -93,11 +93,11 @@ def test_model_beats_majority_class_on_unseen_subjects(dag_run, tmp_path):
     home, _, run_id = dag_run
     import keras
 
-    from cerebro_tasks.data.h5format import list_h5_files, read_h5
-    from cerebro_tasks.data.sequences import build_training_sequences
-    from cerebro_tasks.data.synth import synthesize
-    from cerebro_tasks.deeppostures import custom_objects
-    from cerebro_tasks.models.metrics import balanced_accuracy
+    from cerebro_tasks.deeppostures.h5format import list_h5_files, read_h5
+    from cerebro_tasks.deeppostures.sequences import build_training_sequences
+    from cerebro_tasks.deeppostures.synth import synthesize
+    from cerebro_tasks.deeppostures.workload import custom_objects
+    from cerebro_tasks.deeppostures.metrics import balanced_accuracy
 
     synthesize(str(tmp_path / "heldout"), subjects=3, days=2, seed=99, windows_per_day=720, subject_prefix="H")
     days = [read_h5(p) for _, _, p in list_h5_files(str(tmp_path / "heldout"))]
@@ -175,7 +175,7 @@ def test_training_task_retry_resumes_the_run(dag_run, airflow_env, tmp_path):
     import time
 
     from cerebro_tasks.mop.journal import Journal
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.storage.store import Store
 
     home, _, first_run = dag_run
     config = {"prepared_url": f"{home}/work/{first_run}/prepared", "store_url": str(tmp_path / "store"),

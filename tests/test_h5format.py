@@ -1,4 +1,4 @@
-"""Tests for cerebro_tasks.data.h5format: the DeepPostures H5 format, reading and validation.
+"""Tests for cerebro_tasks.deeppostures.h5format: the DeepPostures H5 format, reading and validation.
 
 Every bad-input case builds a tiny file in tmp_path with h5py and checks the exact message.
 """
@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cerebro_tasks.data.h5format import (
+from cerebro_tasks.deeppostures.h5format import (
     DATASETS,
     SAMPLES_PER_WINDOW,
     WINDOW_SECONDS,

@@ -20,7 +20,7 @@ from cerebro_tasks.mop.journal import Journal
 from cerebro_tasks.mop.runtime import MopDriver
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
-from cerebro_tasks.store import Store
+from cerebro_tasks.storage.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from cerebro_tasks.mop.journal import Journal
 from cerebro_tasks.mop.runtime import run_mop
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
-from cerebro_tasks.store import Store
+from cerebro_tasks.storage.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def test_an_unreadable_partition_stops_the_run_naming_it(spark, tmp_path):
 def test_one_driver_per_run(spark, tmp_path):
     """An Airflow zombie and its retry must not train the same run side by side."""
     from cerebro_tasks.mop.runtime import RUN_LOCK
-    from cerebro_tasks.store import LockedError
+    from cerebro_tasks.storage.store import LockedError
 
     run = Store(str(tmp_path / "run"))
     with run.lock(RUN_LOCK, heartbeat_s=30):  # a live driver holds the run
@@ -116,7 +116,7 @@ def test_a_lock_whose_owner_stopped_beating_is_taken_over(tmp_path):
     import json
     import time
 
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.storage.store import Store
 
     store = Store(str(tmp_path))
     # a driver on another host, silent for longer than three heartbeats

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from cerebro_tasks.data import petastorm_io as pio
+from cerebro_tasks.deeppostures import petastorm_io as pio
 
 
 def _windows(n: int, subject: str, t0: int = 1_700_000_000, seed: int = 0) -> dict[str, np.ndarray]:

@@ -57,7 +57,7 @@ def test_a_resumed_run_must_keep_its_configuration(tmp_path):
 
     from cerebro_tasks.config import ConfigError
     from cerebro_tasks.jobs.train import check_same_run, config_dict
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.storage.store import Store
 
     c = config(kind="random", num_models=2)
     run = Store(str(tmp_path))
@@ -73,7 +73,7 @@ def test_a_resumed_run_must_keep_its_data(tmp_path):
 
     from cerebro_tasks.config import ConfigError
     from cerebro_tasks.jobs.train import check_same_run, config_dict
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.storage.store import Store
 
     c = config(kind="random", num_models=2)
     run = Store(str(tmp_path))

@@ -1,4 +1,4 @@
-"""Segments and sequences (cerebro_tasks.data.sequences) against hand-made cases and a naive oracle.
+"""Segments and sequences (cerebro_tasks.deeppostures.sequences) against hand-made cases and a naive oracle.
 
 Window ``i`` of every test table carries the value ``i`` in all its samples, so the content of a
 built sequence says which table rows it holds.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cerebro_tasks.data.sequences import (
+from cerebro_tasks.deeppostures.sequences import (
     build_prediction_sequences,
     build_training_sequences,
     class_weights,

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cerebro_tasks.data import petastorm_io as pio
-from cerebro_tasks.data import split as sp
+from cerebro_tasks.deeppostures import petastorm_io as pio
+from cerebro_tasks.deeppostures import split as sp
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_balance_partitions_is_greedy_largest_first_and_whole_subjects():
 
 @pytest.fixture(scope="module")
 def dataset(spark, h5_tree, tmp_path_factory):
-    from cerebro_tasks.data.convert import convert
+    from cerebro_tasks.deeppostures.convert import convert
 
     url = str(tmp_path_factory.mktemp("split_ds") / "windows")
     convert(h5_tree, url, spark=spark)
@@ -120,8 +120,8 @@ def test_write_split_layout_partitions_and_report(spark, dataset, tmp_path):
 
 @pytest.mark.slow
 def test_split_stays_stable_when_subjects_are_added(spark, h5_tree, tmp_path):
-    from cerebro_tasks.data.convert import convert
-    from cerebro_tasks.data.synth import synthesize
+    from cerebro_tasks.deeppostures.convert import convert
+    from cerebro_tasks.deeppostures.synth import synthesize
 
     root = str(tmp_path / "study")
     shutil.copytree(h5_tree, root)
@@ -159,7 +159,7 @@ def _write_published_example_dataset(spark, h5_root: str, url: str) -> None:
     from petastorm.unischema import Unischema, UnischemaField, dict_to_spark_row
     from pyspark.sql.types import IntegerType, LongType, StringType
 
-    from cerebro_tasks.data import h5format
+    from cerebro_tasks.deeppostures import h5format
 
     schema = Unischema("schema", [
         UnischemaField("id", np.string_, (), ScalarCodec(StringType()), False),

@@ -1,4 +1,4 @@
-"""Tests for cerebro_tasks.data.synth: format, realism, learnability and reproducibility.
+"""Tests for cerebro_tasks.deeppostures.synth: format, realism, learnability and reproducibility.
 
 Data is tiny (compact days of 720 windows = 2 h) so the whole file runs in a few seconds.
 """
@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from cerebro_tasks.data import synth
-from cerebro_tasks.data.h5format import (
+from cerebro_tasks.deeppostures import synth
+from cerebro_tasks.deeppostures.h5format import (
     DATASETS,
     WINDOW_SECONDS,
     WINDOWS_PER_DAY,

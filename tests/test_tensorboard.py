@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator, plugin_event
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from cerebro_tasks.tune.tensorboard import write_tensorboard
+from cerebro_tasks.search.tensorboard import write_tensorboard
 
 HISTORY = {"train_loss": [0.9, 0.6, 0.4], "val_loss": [1.0, 0.7, 0.5], "val_acc": [0.5, 0.7, float("nan")]}
 

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from cerebro_tasks.tune.space import hp_choice, hp_loguniform, hp_qloguniform, hp_quniform, hp_uniform, parse_space, sample
-from cerebro_tasks.tune.tpe import TPEProposer, TPESearch
+from cerebro_tasks.search.space import hp_choice, hp_loguniform, hp_qloguniform, hp_quniform, hp_uniform, parse_space, sample
+from cerebro_tasks.cerebro.search import TPESearch
+from cerebro_tasks.search.tpe import TPEProposer
 
 SPACE = {"lr": hp_loguniform(-5, 0), "opt": hp_choice(["sgd", "adam", "rmsprop"])}
 

@@ -20,8 +20,8 @@ log = logging.getLogger("cerebro_tasks.predict")
 def _load_model(model_url: str) -> Any:
     import keras
 
-    from cerebro_tasks.deeppostures import custom_objects
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.deeppostures.workload import custom_objects
+    from cerebro_tasks.storage.store import Store
 
     folder = Store(model_url)
     with folder.local_copy("model.keras") as path:
@@ -35,9 +35,9 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cerebro_tasks.chap import csv_bytes, predict_subject
-    from cerebro_tasks.data.petastorm_io import read_windows
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.deeppostures.chap import csv_bytes, predict_subject
+    from cerebro_tasks.deeppostures.petastorm_io import read_windows
+    from cerebro_tasks.storage.store import Store
 
     subjects = list(subjects)
     if not subjects:
@@ -96,7 +96,7 @@ def fixed_batch(predict_on_batch: Any, batch_size: int) -> Any:
 
 def list_subjects(dataset_url: str) -> list[str]:
     """Subject ids present in the windows dataset (a Parquet read of one column)."""
-    from cerebro_tasks.data.petastorm_io import read_windows
+    from cerebro_tasks.deeppostures.petastorm_io import read_windows
 
     ids = read_windows(dataset_url, columns=["id"])["id"]
     return sorted({str(s) for s in ids})
@@ -114,8 +114,8 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
     `<predictions>/_predicted_subjects.json`) are skipped: a scheduled or backfill run predicts
     the subjects that arrived since, whichever DAG converted them.
     """
-    from cerebro_tasks.data.sequences import PADDING_MODES
-    from cerebro_tasks.store import Store
+    from cerebro_tasks.deeppostures.sequences import PADDING_MODES
+    from cerebro_tasks.storage.store import Store
 
     if padding not in PADDING_MODES:
         raise ValueError(f"padding: expected one of {PADDING_MODES}, got {padding!r}")

@@ -1,6 +1,6 @@
 """The model-selection Spark job: the search's configurations trained with MOP, best model chosen.
 
-Run by spark-submit (the Airflow training operator, through jobs/spark_entry.py), by
+Run by spark-submit (the Airflow training operator, through spark_entry.py), by
 `cerebro-tasks train`, or in-process via
 `train(config, spark)`. Re-running with the same run id resumes from the run's journal.
 
@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 
 from cerebro_tasks.config import ConfigError, TrainConfig
-from cerebro_tasks.deeppostures import DeepPosturesWorkload, check_search, relative_cost
+from cerebro_tasks.deeppostures.workload import DeepPosturesWorkload, check_search, relative_cost
 from cerebro_tasks.mop.runtime import MopDriver, MopError
 from cerebro_tasks.mop.timeline import plot_timeline
-from cerebro_tasks.mop.worker import checkpoint_name
+from cerebro_tasks.storage.layout import checkpoint_name
 from cerebro_tasks.mop.workload import ModelSpec
-from cerebro_tasks.store import Store
-from cerebro_tasks.tune.report import plot_learning_curves, publish_png, summary_markdown, summary_rows
-from cerebro_tasks.tune.selection import best_model, final_value, metric_mode
-from cerebro_tasks.tune.tensorboard import write_tensorboard
-from cerebro_tasks.tune.space import grid, parse_space, sample
+from cerebro_tasks.storage.store import Store
+from cerebro_tasks.search.report import plot_learning_curves, publish_png, summary_markdown, summary_rows
+from cerebro_tasks.search.selection import best_model, final_value, metric_mode
+from cerebro_tasks.search.tensorboard import write_tensorboard
+from cerebro_tasks.search.space import grid, parse_space, sample
+from cerebro_tasks.storage import layout
 
 log = logging.getLogger("cerebro_tasks.train")
 
@@ -45,7 +46,7 @@ class SearchPlan:
         self.proposed = 0
         self.tpe = None
         if self.search.kind == "tpe":
-            from cerebro_tasks.tune.tpe import TPEProposer
+            from cerebro_tasks.search.tpe import TPEProposer
 
             self.tpe = TPEProposer(self.space, seed=self.search.seed, metric_mode=metric_mode(self.search.metric))
 
@@ -90,7 +91,7 @@ def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tupl
     """
     from pyspark.sql import functions as F
 
-    from cerebro_tasks.data.split import partition_url
+    from cerebro_tasks.deeppostures.split import partition_url
 
     paths = [partition_url(prepared_url, "train", p) for p in range(num_workers)]
     df = spark.read.parquet(*paths).select("label", "sleeping", "non_wear")
@@ -111,7 +112,7 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     run = Store(config.run_url)
     data = split_key(config.prepared_url)
     check_same_run(run, config, data)
-    run.write_json({"config": config_dict(config), "data": data}, "config.json")
+    run.write_json({"config": config_dict(config), "data": data}, layout.CONFIG)
     weights = class_weights(spark, config.prepared_url, config.num_workers)
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
@@ -160,11 +161,11 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
                "mode": metric_mode(metric), "best_model_id": best, "num_models": len(result.specs),
                "num_epochs": config.search.num_epochs, "num_workers": config.num_workers, "seed": config.search.seed,
                "wall_s": seconds, "figures": result.figures, "failed_models": result.failed_models, "models": rows}
-    run.write_json(summary, "summary.json")
-    run.write_bytes(summary_markdown(summary).encode(), "summary.md")
-    publish_png(run, "learning_curves.png", lambda p: plot_learning_curves(result.histories, p, title=config.run_id))
+    run.write_json(summary, layout.SUMMARY_JSON)
+    run.write_bytes(summary_markdown(summary).encode(), layout.SUMMARY_MD)
+    publish_png(run, layout.LEARNING_CURVES_PNG, lambda p: plot_learning_curves(result.histories, p, title=config.run_id))
     if result.records:
-        publish_png(run, "timeline.png", lambda p: plot_timeline(result.records, p, title=f"MOP timeline {config.run_id}"))
+        publish_png(run, layout.TIMELINE_PNG, lambda p: plot_timeline(result.records, p, title=f"MOP timeline {config.run_id}"))
     final_step = spec.num_epochs * config.num_workers
     out = {
         "run_id": config.run_id,
@@ -182,7 +183,7 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
         "hop_overhead": result.figures.get("hop_overhead"),
         "units_run": result.units_run,
     }
-    run.write_json(out, "result.json")
+    run.write_json(out, layout.RESULT)
     log.info("run %s done in %.1f s: best %s %s=%.4f %s", config.run_id, seconds, best, metric, out["best_value"],
              spec.params)
     return out
@@ -200,9 +201,9 @@ def check_same_run(run: Store, config: TrainConfig, data: dict[str, Any] | None 
     Checked before any Spark job: a resumed run on other partitions (the split re-run after new
     subjects arrived) would mix models trained on different data.
     """
-    if not run.exists("config.json"):
+    if not run.exists(layout.CONFIG):
         return
-    saved = run.read_json("config.json")
+    saved = run.read_json(layout.CONFIG)
     before, now = saved["config"], config_dict(config)
     changed = sorted(k for k in set(before) | set(now) if k != "max_job_attempts" and before.get(k) != now.get(k))
     if changed:

@@ -12,9 +12,10 @@ from dataclasses import asdict
 from typing import Any
 
 from cerebro_tasks.mop.scheduler import Unit
-from cerebro_tasks.store import Store
+from cerebro_tasks.storage.store import Store
+from cerebro_tasks.storage import layout
 
-JOURNAL_DIR = "journal"
+JOURNAL_DIR = layout.JOURNAL_DIR
 
 
 def record_name(unit: Unit) -> str:

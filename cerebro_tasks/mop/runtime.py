@@ -37,7 +37,8 @@ from cerebro_tasks.mop.scheduler import VAL_COST_PRIOR, HopScheduler, Unit
 from cerebro_tasks.mop.timeline import timeline_figures
 from cerebro_tasks.mop.worker import barrier_task
 from cerebro_tasks.mop.workload import ModelSpec, Workload
-from cerebro_tasks.store import Store
+from cerebro_tasks.storage.store import Store
+from cerebro_tasks.storage import layout
 
 log = logging.getLogger("cerebro_tasks.mop")
 
@@ -46,7 +47,7 @@ log = logging.getLogger("cerebro_tasks.mop")
 ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | None"]
 
 
-RUN_LOCK = "run.lock"
+RUN_LOCK = layout.RUN_LOCK
 SCHEDULES = ("lockstep", "adaptive")
 # A unit is hung once it runs this many times longer than expected (the slowest observed seconds
 # per unit of cost, times its cost), and at least UNIT_TIMEOUT_MIN_S: generous, since a false
@@ -122,13 +123,13 @@ class MopDriver:
 
     def _save_run_spec(self) -> None:
         self.store.write_json({"num_workers": self.num_workers, "seed": self.seed,
-                               "models": [asdict(s) for s in self.specs.values()]}, "run.json")
+                               "models": [asdict(s) for s in self.specs.values()]}, layout.RUN)
 
     def resume(self) -> int:
         """Replay the journal of an earlier attempt of this run; returns the units found done."""
-        if not self.store.exists("run.json"):
+        if not self.store.exists(layout.RUN):
             return 0
-        saved = self.store.read_json("run.json")
+        saved = self.store.read_json(layout.RUN)
         if saved["num_workers"] != self.num_workers:
             raise MopError(f"{self.store.url}/run.json: the run was started with num_workers="
                            f"{saved['num_workers']}, this attempt has {self.num_workers}; partitions differ, "
@@ -354,8 +355,8 @@ class MopDriver:
     def _result(self) -> MopResult:
         hist = histories(self._records, self.num_workers)
         figures = timeline_figures(self._records, self.num_workers)
-        self.store.write_json(hist, "history.json")
-        self.store.write_json({"records": self._records, "figures": figures}, "timeline.json")
+        self.store.write_json(hist, layout.HISTORY)
+        self.store.write_json({"records": self._records, "figures": figures}, layout.TIMELINE)
         failed = [m for m in self.specs if self.scheduler.model_status(m).state == "failed"]
         return MopResult(run_url=self.store.url, specs=dict(self.specs), histories=hist, records=list(self._records),
                          workers=list(self._worker_info.values()), figures=figures, wall_s=time.time() - self._t0,

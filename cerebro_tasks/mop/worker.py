@@ -20,11 +20,8 @@ from typing import Any, Iterable, Iterator
 from cerebro_tasks.mop.control import Message
 from cerebro_tasks.mop.scheduler import Unit
 from cerebro_tasks.mop.workload import ModelSpec, Workload
-from cerebro_tasks.store import Store
-
-
-def checkpoint_name(model_id: str, step: int) -> tuple[str, str, str]:
-    return ("models", model_id, f"ckpt-{step:05d}.keras")
+from cerebro_tasks.storage.layout import checkpoint_name
+from cerebro_tasks.storage.store import Store
 
 
 def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""What a finished search leaves for people: learning curves, a summary table, a timeline."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Mapping
+
+from cerebro_tasks.storage.store import Store
+from cerebro_tasks.search.selection import metric_mode, rank
+
+
+def summary_rows(histories: dict[str, dict[str, list[float]]], params: dict[str, dict[str, Any]], metric: str,
+                 seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per model, best first: configuration, epochs, final and best value of each metric."""
+    rows = []
+    for model_id, value in rank(histories, metric):
+        h = histories.get(model_id, {})
+        row: dict[str, Any] = {"model_id": model_id, "params": params.get(model_id, {}),
+                               "epochs": len(h.get(metric, [])), metric: value}
+        for key, series in sorted(h.items()):
+            good = [v for v in series if not math.isnan(v)]
+            if good:
+                row[f"final_{key}"] = good[-1]
+                row[f"best_{key}"] = max(good) if metric_mode(key) == "max" else min(good)
+        if seconds is not None:
+            row["train_seconds"] = round(seconds.get(model_id, 0.0), 2)
+        rows.append(row)
+    for i, row in enumerate(rows):
+        row["rank"] = i + 1
+    return rows
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """A small Markdown page: what ran, the MOP figures, and one row per model, best first."""
+    key = summary["metric"]
+    rows = summary["models"]
+    fig = summary.get("figures") or {}
+    names = sorted({k for r in rows for k in r["params"]})
+    best_key = f"best_{key}"
+    cols = ["rank", "model_id", *names, "epochs", f"final {key}", f"best {key}", "train s"]
+    lines = [f"# {summary['search']} search `{summary['run_id']}`", "",
+             f"- best model: **{summary['best_model_id']}** by {key} ({'higher' if summary['mode'] == 'max' else 'lower'}"
+             " is better)",
+             f"- {summary['num_models']} models x {summary['num_epochs']} epochs on {summary['num_workers']} workers, "
+             f"wall {summary['wall_s']:.1f} s",
+             f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
+             f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r.get("rank"), r["model_id"], *(r["params"].get(n) for n in names), r.get("epochs"), r.get(key),
+                 r.get(best_key), r.get("train_seconds")]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def plot_learning_curves(histories: dict[str, dict[str, list[float]]], path: str, metrics: list[str] | None = None,
+                         title: str = "learning curves") -> str:
+    """One panel per metric (train dashed, validation solid), one colour per model; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = sorted({k.split("_", 1)[1] for h in histories.values() for k in h if "_" in k})
+    metrics = metrics or keys
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.2 * max(1, len(metrics)), 3.6), squeeze=False)
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(histories))}
+    for ax, name in zip(axes[0], metrics):
+        for model_id, h in sorted(histories.items()):
+            for kind, style in (("train", "--"), ("val", "-")):
+                series = h.get(f"{kind}_{name}")
+                if series:
+                    ax.plot(range(1, len(series) + 1), series, style, color=colours[model_id],
+                            label=model_id if kind == "val" else None, marker="o", markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=7)
+    fig.suptitle(f"{title} (dashed: train, solid: validation)")
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def publish_png(store: Store, name: str, draw) -> str:
+    """Draw into a local temporary PNG and publish it atomically into the store."""
+    with tempfile.TemporaryDirectory() as d:
+        local = draw(os.path.join(d, name))
+        store.put_file(local, name)
+    return store.url_of(name)

@@ -1,0 +1,1 @@
+"""Test harnesses: a real Spark standalone cluster on this machine (cluster.py)."""
