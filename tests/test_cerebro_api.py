@@ -371,7 +371,7 @@ def test_several_inputs_and_outputs_are_matched_by_name(tmp_path):
     import pandas as pd
 
     from cerebro_tasks import SparkEstimator, SparkModel
-    from cerebro_tasks.cerebro.estimator import workload as wl
+    from cerebro_tasks.cerebro import workload as wl
     from cerebro_tasks.cerebro.estimator import publish_estimator
     from cerebro_tasks.mop.workload import ModelSpec
     from cerebro_tasks.storage.store import Store
