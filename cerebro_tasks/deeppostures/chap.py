@@ -112,7 +112,7 @@ def predict_subject(
     timezone: str | None = "UTC",
     label_map: Mapping[int, str] | None = None,
     threshold: float = 0.5,
-    split_on_gaps: bool = True,
+    split_on_gaps: bool = False,
 ) -> pd.DataFrame:
     """Predict every predictable window of ONE subject and return the CHAP CSV rows.
 
