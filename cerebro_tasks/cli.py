@@ -1,7 +1,7 @@
 """`cerebro-tasks`: every pipeline step runnable by hand, the same functions the Airflow tasks call.
 
     cerebro-tasks synth   --out H5_ROOT --subjects N --days D --seed S [--windows-per-day K]
-    cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast]
+    cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast] [--timezone ZONE] [--label-map JSON]
     cerebro-tasks split   --dataset DATASET_URL --output PREPARED_URL --workers W [--seed S] [--val-fraction F]
     cerebro-tasks train   --config CONFIG.json            (MOP model selection; resumes a run id)
     cerebro-tasks export  --run RUN_URL --output EXPORT_URL
@@ -51,7 +51,8 @@ def cmd_synth(args: argparse.Namespace) -> Any:
 def cmd_convert(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.convert import convert
 
-    return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast)
+    return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast,
+                   timezone=args.timezone, label_map=args.label_map)
 
 
 def cmd_split(args: argparse.Namespace) -> Any:
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="H5 root: <root>/<subject>/<YYYY-MM-DD>.h5")
     p.add_argument("--output", required=True, help="dataset URL (path, file://, hdfs://)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first invalid file instead of quarantining it")
+    p.add_argument("--timezone", default=None,
+                   help="IANA zone of the machine that pre-processed the study, e.g. America/Los_Angeles "
+                        "(default: the dataset's recorded zone, else UTC)")
+    p.add_argument("--label-map", default=None,
+                   help='class name -> index as JSON, e.g. \'{"sitting": 0, "standing": 1, "stepping": 2}\' '
+                        "(default: the dataset's recorded map, else sitting 0 / not-sitting 1)")
 
     p = add("split", cmd_split, "split subjects into train/validation and balanced worker partitions")
     p.add_argument("--dataset", required=True)
