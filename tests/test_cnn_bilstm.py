@@ -69,8 +69,9 @@ def test_layers_as_in_the_reference() -> None:
     model = build_cnn_bilstm(window_size=42, amp_factor=1, compile=False)
     convs = [model.get_layer(f"conv{i}") for i in range(1, 6)]
     assert [c.filters for c in convs] == [32, 64, 128, 256, 256]
-    assert [c.kernel_size for c in convs] == [(5, 3), (5, 1), (5, 1), (5, 1), (5, 1)]
-    assert all(c.strides == (2, 1) and c.padding == "same" for c in convs)
+    # Conv3D one window deep: the reference's Conv2D kernels and strides on every window.
+    assert [c.kernel_size for c in convs] == [(1, 5, 3), (1, 5, 1), (1, 5, 1), (1, 5, 1), (1, 5, 1)]
+    assert all(c.strides == (1, 2, 1) and c.padding == "same" for c in convs)
     assert all(c.activation is keras.activations.relu for c in convs)
     emb = model.get_layer("window_embedding")
     assert emb.units == 256 and emb.activation is keras.activations.linear
@@ -143,7 +144,7 @@ def test_fit_then_save_load_round_trip(tmp_path) -> None:
     model.save(path)  # weights, optimizer state, compile config, custom layers and metric
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(model.predict_on_batch(X), loaded.predict_on_batch(X))
-    assert loaded.get_layer("unfold_time").window_size == T
+    assert loaded.input_shape == (None, T, 100, 3)
     assert loaded.evaluate(X, y, verbose=0, return_dict=True)["loss"] == pytest.approx(
         model.evaluate(X, y, verbose=0, return_dict=True)["loss"], rel=1e-5
     )

@@ -46,8 +46,9 @@ windows, flags and labels as the UTC one, with times shifted by the zone's offse
 daylight-saving day, mktime's step at the change).
 
 Classes: ``num_classes=2`` (default) labels sitting 0 and standing or walking 1, DeepPostures'
-default map; ``num_classes=3`` labels sitting 0, standing 1, walking (stepping) 2. Full days (the default): the
-recording starts at 13:00-16:00 on the first day (09:00-10:00 when ``days=1``) and ends at
+default map; ``num_classes=3`` labels sitting 0, standing 1, walking (stepping) 2.
+
+Full days (the default): the recording starts at 13:00-16:00 on the first day (09:00-10:00 when ``days=1``) and ends at
 11:00-13:00 on the last (17:00-18:00 when ``days=1``); middle days hold 8,640 windows.
 
 ``windows_per_day=K`` (compact, for fast tests): every file holds K windows; day 1 holds the K
