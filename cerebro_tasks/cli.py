@@ -53,7 +53,7 @@ def cmd_convert(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.convert import convert
 
     return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast,
-                   timezone=args.timezone, label_map=args.label_map)
+                   timezone=args.timezone or None, label_map=args.label_map or None)
 
 
 def cmd_split(args: argparse.Namespace) -> Any:
@@ -84,7 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> Any:
     return predict(_spark(args, "cerebro-predict"), dataset_url=args.dataset, model_url=args.model,
                    predictions_url=args.predictions, model_name=args.model_name, subjects=args.subjects,
                    only_new=args.which == "new", padding=args.padding, include_label=args.include_label,
-                   include_segment=not args.no_segment, label_map=args.label_map)
+                   include_segment=args.segment, label_map=args.label_map or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new: skip subjects an earlier run already predicted (<predictions>/_predicted_subjects.json)")
     p.add_argument("--padding", default="drop", choices=["drop", "zero", "wrap"],
                    help="a segment's tail shorter than the model's window: drop it, pad with zero windows, or wrap")
-    p.add_argument("--include-label", "--output-label", dest="include_label", action="store_true",
-                   help="add the label column (segment,timestamp,label,prediction)")
-    p.add_argument("--no-segment", action="store_true", help="leave the segment column out")
+    p.add_argument("--output-label", "--include-label", dest="include_label", action=argparse.BooleanOptionalAction,
+                   default=False, help="add the label column (segment,timestamp,label,prediction)")
+    p.add_argument("--segment", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-segment leaves the segment column out")
     p.add_argument("--label-map", default=None,
                    help="class name -> index as JSON, naming the CSV's classes (default: the dataset's label map)")
     return parser
