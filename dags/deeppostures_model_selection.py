@@ -78,6 +78,8 @@ with DAG(
         from cerebro_operators import safe_run_id
 
         from cerebro_tasks.config import TrainConfig
+        from cerebro_tasks.deeppostures.classes import check_label_map
+        from cerebro_tasks.deeppostures.clock import check_zone
         from cerebro_tasks.deeppostures.workload import check_search
 
         rid = safe_run_id(run_id or "manual")
@@ -92,6 +94,10 @@ with DAG(
                        "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"]},
         })
         check_search(config.search.space, config.search.metric)  # hyperparameters the model knows
+        if p.get("timezone"):
+            check_zone(p["timezone"])  # an unknown zone fails here, naming it, not in the Spark job
+        if p.get("label_map"):
+            check_label_map(p["label_map"])
         return {"run_id": rid, "prepared_url": config.prepared_url, "run_url": config.run_url,
                 "model_name": f"deeppostures-{rid}", "train_config": config.to_json()}
 
