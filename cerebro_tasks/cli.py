@@ -1,11 +1,12 @@
 """`cerebro-tasks`: every pipeline step runnable by hand, the same functions the Airflow tasks call.
 
     cerebro-tasks synth   --out H5_ROOT --subjects N --days D --seed S [--windows-per-day K]
-    cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast]
+    cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast] [--timezone ZONE] [--label-map JSON]
     cerebro-tasks split   --dataset DATASET_URL --output PREPARED_URL --workers W [--seed S] [--val-fraction F]
     cerebro-tasks train   --config CONFIG.json            (MOP model selection; resumes a run id)
-    cerebro-tasks export  --run RUN_URL --output EXPORT_URL
+    cerebro-tasks export  --run RUN_URL --output EXPORT_URL [--top-k K]
     cerebro-tasks predict --dataset DATASET_URL --model EXPORT_FOLDER --predictions DIR --model-name NAME
+                          [--padding drop|zero|wrap] [--no-segment] [--output-label] [--label-map JSON]
 
 Each prints a JSON summary on stdout. Spark steps use `--master` (default: $SPARK_MASTER, else
 local[2]; local[W,3] for train); in a deployment the Airflow operators submit the same code with
@@ -51,7 +52,8 @@ def cmd_synth(args: argparse.Namespace) -> Any:
 def cmd_convert(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.convert import convert
 
-    return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast)
+    return convert(args.input, args.output, spark=_spark(args, "cerebro-convert"), fail_fast=args.fail_fast,
+                   timezone=args.timezone or None, label_map=args.label_map or None)
 
 
 def cmd_split(args: argparse.Namespace) -> Any:
@@ -73,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
 def cmd_export(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.export import export_best
 
-    return export_best(args.run, args.output)
+    return export_best(args.run, args.output, top_k=args.top_k)
 
 
 def cmd_predict(args: argparse.Namespace) -> Any:
@@ -81,7 +83,8 @@ def cmd_predict(args: argparse.Namespace) -> Any:
 
     return predict(_spark(args, "cerebro-predict"), dataset_url=args.dataset, model_url=args.model,
                    predictions_url=args.predictions, model_name=args.model_name, subjects=args.subjects,
-                   only_new=args.which == "new", padding=args.padding, include_label=args.include_label)
+                   only_new=args.which == "new", padding=args.padding, include_label=args.include_label,
+                   include_segment=args.segment, label_map=args.label_map or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="H5 root: <root>/<subject>/<YYYY-MM-DD>.h5")
     p.add_argument("--output", required=True, help="dataset URL (path, file://, hdfs://)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first invalid file instead of quarantining it")
+    p.add_argument("--timezone", default=None,
+                   help="IANA zone of the machine that pre-processed the study, e.g. America/Los_Angeles "
+                        "(default: the dataset's recorded zone, else UTC)")
+    p.add_argument("--label-map", default=None,
+                   help='class name -> index as JSON, e.g. \'{"sitting": 0, "standing": 1, "stepping": 2}\' '
+                        "(default: the dataset's recorded map, else sitting 0 / not-sitting 1)")
 
     p = add("split", cmd_split, "split subjects into train/validation and balanced worker partitions")
     p.add_argument("--dataset", required=True)
@@ -123,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a run's best model (.keras, SavedModel, metadata)", spark=False)
     p.add_argument("--run", required=True, help="run URL: <store>/runs/<run_id>")
     p.add_argument("--output", required=True, help="export root; the model goes to <root>/<run_id>/")
+    p.add_argument("--top-k", type=int, default=1,
+                   help="also export the k best models (k odd) for a CHAP-style majority vote per window")
 
     p = add("predict", cmd_predict, "write CHAP-format predictions per subject")
     p.add_argument("--dataset", required=True)
@@ -132,8 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: every subject)")
     p.add_argument("--which", choices=["all", "new"], default="all",
                    help="new: skip subjects an earlier run already predicted (<predictions>/_predicted_subjects.json)")
-    p.add_argument("--padding", default="drop", choices=["drop", "zero", "wrap"])
-    p.add_argument("--include-label", action="store_true")
+    p.add_argument("--padding", default="drop", choices=["drop", "zero", "wrap"],
+                   help="a segment's tail shorter than the model's window: drop it, pad with zero windows, or wrap")
+    p.add_argument("--output-label", "--include-label", dest="include_label", action=argparse.BooleanOptionalAction,
+                   default=False, help="add the label column (segment,timestamp,label,prediction)")
+    p.add_argument("--segment", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-segment leaves the segment column out")
+    p.add_argument("--label-map", default=None,
+                   help="class name -> index as JSON, naming the CSV's classes (default: the dataset's label map)")
     return parser
 
 

@@ -23,14 +23,19 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params={"h5_root": Param(H5_ROOT, type="string", minLength=1),
-            "dataset_url": Param(DATASET_URL, type="string", minLength=1)},
+            "dataset_url": Param(DATASET_URL, type="string", minLength=1),
+            # the study as pre-processed (null: as the dataset recorded, else UTC and sitting / not-sitting)
+            "timezone": Param(None, type=["null", "string"], minLength=1, description="IANA zone of the pre-processing machine"),
+            "label_map": Param(None, type=["null", "object"], minProperties=2, description="class name -> index")},
     tags=["cerebro", "deeppostures"],
     doc_md=__doc__,
 ) as dag:
     convert = CerebroSparkSubmitOperator(
         task_id="convert",
         step="convert",
-        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}",
+                   "--timezone", "{{ params.timezone or '' }}",
+                   "--label-map", "{{ (params.label_map | tojson) if params.label_map else '' }}"],
         xcom_keys=["dataset_url", "files", "windows", "subjects", "version", "seconds"],
     )
 

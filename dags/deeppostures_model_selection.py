@@ -51,6 +51,12 @@ PARAMS = {
     "padding": Param("drop", enum=["drop", "zero", "wrap"], description="prediction of a segment's tail shorter than T"),
     "predict_all": Param(False, type="boolean", description="predict every subject, not only those no run has predicted yet"),
     "gpus_per_worker": Param(0, type="integer", minimum=0, maximum=8),
+    # The study as DeepPostures pre-processed it, and its prediction options (null: as the dataset recorded).
+    "timezone": Param(None, type=["null", "string"], minLength=1, description="IANA zone of the machine that pre-processed the H5 files, e.g. America/Los_Angeles (null: the dataset's, else UTC)"),
+    "label_map": Param(None, type=["null", "object"], minProperties=2, additionalProperties={"type": "integer", "minimum": 0}, description="class name -> index, e.g. {\"sitting\": 0, \"standing\": 1, \"stepping\": 2} (null: the dataset's, else sitting 0 / not-sitting 1)"),
+    "output_label": Param(False, type="boolean", description="predictions: add the label column"),
+    "no_segment": Param(False, type="boolean", description="predictions: leave the segment column out"),
+    "ensemble_k": Param(1, type="integer", minimum=1, maximum=99, **{"not": {"multipleOf": 2}}, description="export the k best models (odd) and predict by their majority vote per window, like CHAP"),
 }
 
 with DAG(
@@ -72,6 +78,8 @@ with DAG(
         from cerebro_operators import safe_run_id
 
         from cerebro_tasks.config import TrainConfig
+        from cerebro_tasks.deeppostures.classes import check_label_map
+        from cerebro_tasks.deeppostures.clock import check_zone
         from cerebro_tasks.deeppostures.workload import check_search
 
         rid = safe_run_id(run_id or "manual")
@@ -86,6 +94,10 @@ with DAG(
                        "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"]},
         })
         check_search(config.search.space, config.search.metric)  # hyperparameters the model knows
+        if p.get("timezone"):
+            check_zone(p["timezone"])  # an unknown zone fails here, naming it, not in the Spark job
+        if p.get("label_map"):
+            check_label_map(p["label_map"])
         return {"run_id": rid, "prepared_url": config.prepared_url, "run_url": config.run_url,
                 "model_name": f"deeppostures-{rid}", "train_config": config.to_json()}
 
@@ -94,7 +106,9 @@ with DAG(
     convert = CerebroSparkSubmitOperator(
         task_id="convert",
         step="convert",
-        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}"],
+        step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}",
+                   "--timezone", "{{ params.timezone or '' }}",
+                   "--label-map", "{{ (params.label_map | tojson) if params.label_map else '' }}"],
         xcom_keys=CONVERT_XCOM,
     )
 
@@ -120,7 +134,8 @@ with DAG(
         """Publish the best model (.keras + SavedModel + metadata) and move the LATEST pointer."""
         from cerebro_tasks.deeppostures.export import export_best
 
-        return export_best(result["run_url"], (params or {})["export_url"])
+        p = params or {}
+        return export_best(result["run_url"], p["export_url"], top_k=p["ensemble_k"])
 
     exported = export(train.output)
 
@@ -132,6 +147,8 @@ with DAG(
                    "--predictions", "{{ params.predictions_url }}",
                    "--model-name", "{{ ti.xcom_pull(task_ids='check_params')['model_name'] }}",
                    "--padding", "{{ params.padding }}",
+                   "{{ '--output-label' if params.output_label else '--no-output-label' }}",
+                   "{{ '--no-segment' if params.no_segment else '--segment' }}",
                    "--which", "{{ 'all' if params.predict_all else 'new' }}"],
     )
 

@@ -227,3 +227,40 @@ def test_chap_and_sequences_do_not_import_tensorflow() -> None:
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+# ---------------------------------------------------------------- a CHAP-style ensemble
+
+
+def test_ensemble_majority_vote_with_members_of_different_windows() -> None:
+    from cerebro_tasks.deeppostures.chap import predict_subject_ensemble
+
+    table = make_table(12)
+
+    def always(c: int):
+        return lambda X: np.full(X.shape[:2], c, dtype=np.int64)
+
+    # Three members, T = 3, 4, 5; with padding drop each writes the windows of its full chunks:
+    # 12 (T=3), 12 (T=4), 10 (T=5). Written: the windows every member predicted.
+    df = predict_subject_ensemble(table, [(always(1), 3), (always(0), 4), (always(1), 5)])
+    assert len(df) == 10 and set(df["prediction"]) == {"not-sitting"}  # two of three say 1
+    df = predict_subject_ensemble(table, [(always(0), 3), (parity_ids, 4), (always(1), 5)], padding="zero")
+    assert len(df) == 12  # with zero padding every member predicts every window
+    assert df["prediction"].tolist() == expected_prediction(np.arange(12))  # the parity member sides with one of the other two
+    # Three classes, three different votes: the best-ranked member (listed first) decides.
+    names = {0: "sitting", 1: "standing", 2: "stepping", -1: "no-label"}
+    df = predict_subject_ensemble(table, [(always(2), 4), (always(0), 4), (always(1), 4)], label_map=names)
+    assert set(df["prediction"]) == {"stepping"}
+    # One member: exactly predict_subject.
+    pd.testing.assert_frame_equal(predict_subject_ensemble(table, [(parity_ids, 4)]),
+                                  predict_subject(table, parity_ids, window_size=4))
+    with pytest.raises(ValueError, match="at least one"):
+        predict_subject_ensemble(table, [])
+
+
+def test_timestamps_print_the_studys_wall_clock() -> None:
+    # 2024-07-01 00:00:00 wall clock, as mktime made it in Los Angeles (PDT, UTC-7) and Sydney (AEST, UTC+10)
+    for zone, epoch in (("America/Los_Angeles", 1_719_817_200), ("Australia/Sydney", 1_719_756_000),
+                        ("UTC", 1_719_792_000)):
+        assert format_timestamps(np.array([epoch, epoch + 10]), zone).tolist() == [
+            "2024-07-01 00:00:00", "2024-07-01 00:00:10"]

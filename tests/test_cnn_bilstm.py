@@ -69,8 +69,9 @@ def test_layers_as_in_the_reference() -> None:
     model = build_cnn_bilstm(window_size=42, amp_factor=1, compile=False)
     convs = [model.get_layer(f"conv{i}") for i in range(1, 6)]
     assert [c.filters for c in convs] == [32, 64, 128, 256, 256]
-    assert [c.kernel_size for c in convs] == [(5, 3), (5, 1), (5, 1), (5, 1), (5, 1)]
-    assert all(c.strides == (2, 1) and c.padding == "same" for c in convs)
+    # Conv3D one window deep: the reference's Conv2D kernels and strides on every window.
+    assert [c.kernel_size for c in convs] == [(1, 5, 3), (1, 5, 1), (1, 5, 1), (1, 5, 1), (1, 5, 1)]
+    assert all(c.strides == (1, 2, 1) and c.padding == "same" for c in convs)
     assert all(c.activation is keras.activations.relu for c in convs)
     emb = model.get_layer("window_embedding")
     assert emb.units == 256 and emb.activation is keras.activations.linear
@@ -143,7 +144,7 @@ def test_fit_then_save_load_round_trip(tmp_path) -> None:
     model.save(path)  # weights, optimizer state, compile config, custom layers and metric
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(model.predict_on_batch(X), loaded.predict_on_batch(X))
-    assert loaded.get_layer("unfold_time").window_size == T
+    assert loaded.input_shape == (None, T, 100, 3)
     assert loaded.evaluate(X, y, verbose=0, return_dict=True)["loss"] == pytest.approx(
         model.evaluate(X, y, verbose=0, return_dict=True)["loss"], rel=1e-5
     )
@@ -201,3 +202,73 @@ def test_metric_config_round_trip() -> None:
     assert (clone.num_classes, clone.threshold, clone.name) == (3, 0.3, "ba")
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(m))
     assert isinstance(restored, BalancedAccuracy) and restored.num_classes == 3
+
+
+# ---------------------------------------------------------------- the CNN is per window; portable files
+
+
+def test_each_window_embedding_sees_only_its_own_window() -> None:
+    model = tiny(compile=False)
+    embed = keras.Model(model.input, model.get_layer("window_embedding").output)
+    X, _ = batch(2)
+    base = np.asarray(embed(X))
+    assert base.shape == (2, T, 64)
+    changed = X.copy()
+    changed[:, 1] += 5.0  # only window 1 of each sequence
+    after = np.asarray(embed(changed))
+    np.testing.assert_allclose(np.delete(after, 1, axis=1), np.delete(base, 1, axis=1), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(after[:, 1], base[:, 1])
+    # ... and is what the same convolutions give a sequence of one window
+    single = build_cnn_bilstm(window_size=1, amp_factor=0.25, seed=7, compile=False)
+    single.set_weights(model.get_weights())
+    one = keras.Model(single.input, single.get_layer("window_embedding").output)
+    np.testing.assert_allclose(np.asarray(one(X[:, 2:3]))[:, 0], base[:, 2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_model_loads_with_plain_keras_in_a_fresh_python(tmp_path) -> None:
+    """What an export writes (uncompiled) loads where this package cannot even be imported."""
+    import subprocess
+    import sys
+
+    model = tiny(compile=False)
+    X, _ = batch(2)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", X)
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'cerebro_tasks':\n"
+        "            raise ImportError('cerebro_tasks must not be needed')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import numpy as np, keras\n"
+        f"m = keras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m.predict_on_batch(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        "assert not [k for k in sys.modules if k.startswith('cerebro_tasks')]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict_on_batch(X), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- more than two classes
+
+
+def test_three_classes_output_count_and_metric() -> None:
+    model = build_cnn_bilstm(window_size=T, amp_factor=0.25, seed=7, num_classes=3)
+    assert model.output_shape == (None, T, 3)
+    assert model.count_params() == parameter_count(0.25, num_classes=3)
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(4, T, 100, 3)).astype(np.float32)
+    y = rng.integers(-1, 3, (4, T)).astype(np.int32)
+    w = (y >= 0).astype(np.float32)
+    history = model.fit(X, np.maximum(y, 0), sample_weight=w, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    # the metric over two batches equals numpy's over the whole: per-class counts add up
+    m = BalancedAccuracy(num_classes=3)
+    scores = np.asarray(model.predict_on_batch(X))
+    for half in (slice(0, 2), slice(2, 4)):
+        m.update_state(y[half], scores[half])
+    assert float(m.result()) == pytest.approx(balanced_accuracy(y, scores, num_classes=3), abs=1e-6)

@@ -70,13 +70,25 @@ def test_unlabelled_windows_excluded_in_training_only() -> None:
     assert segment_ids(t, training=False).tolist() == [0, 0, 0, 0, 0, 0]
 
 
-def test_time_gap_ends_a_segment_unless_disabled() -> None:
+def test_time_plays_no_part_unless_splitting_on_gaps_is_asked() -> None:
     time = T0 + 10 * np.arange(6)
     time[3:] += 10  # one missing window between rows 2 and 3
     t = make_table(6, time=time)
-    assert segment_ids(t, training=True).tolist() == [0, 0, 0, 1, 1, 1]
     # DeepPostures' own reader looks only at the flags:
-    assert segment_ids(t, training=True, split_on_gaps=False).tolist() == [0] * 6
+    assert segment_ids(t, training=True).tolist() == [0] * 6
+    assert segment_ids(t, training=True, split_on_gaps=True).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_first_midnight_jump_does_not_end_a_segment() -> None:
+    # Day 1 starts at the recording's start second (here :17), day 2 at 00:00:00: the last window
+    # of day 1 starts at 23:59:47, 13 s before the first of day 2. Normal data, not a gap.
+    start = T0 + 86_400 - 43
+    time = np.concatenate([start + 10 * np.arange(4), T0 + 86_400 + 10 * np.arange(3)])
+    t = make_table(7, time=time)
+    assert np.diff(time).tolist() == [10, 10, 10, 13, 10, 10]
+    assert segment_ids(t, training=True).tolist() == [0] * 7
+    X, _ = build_training_sequences(t, 7)
+    assert rows_of(X).tolist() == [list(range(7))]
 
 
 def test_new_subject_ends_a_segment_even_with_contiguous_time() -> None:
@@ -220,12 +232,12 @@ def test_bad_arguments() -> None:
 
 
 def _oracle_segments(t: dict[str, np.ndarray], training: bool) -> list[list[int]]:
-    """DeepPostures-style reader, one window at a time, plus the subject/time-gap rule."""
+    """DeepPostures-style reader, one window at a time: flags and subjects only, never time."""
     segments: list[list[int]] = []
     current: list[int] = []
     for i in range(len(t["time"])):
         excluded = t["sleeping"][i] == 1 or t["non_wear"][i] == 1 or (training and t["label"][i] == -1)
-        breaks = i > 0 and (t["id"][i] != t["id"][i - 1] or t["time"][i] - t["time"][i - 1] != 10)
+        breaks = i > 0 and t["id"][i] != t["id"][i - 1]
         if current and (excluded or breaks):
             segments.append(current)
             current = []
@@ -259,7 +271,7 @@ def test_random_tables_match_the_oracle(seed: int) -> None:
     n = 600
     ids = np.repeat(["a", "b", "c"], [250, 200, 150]).tolist()
     time = T0 + 10 * np.arange(n)
-    time[rng.choice(n, 5, replace=False)] += 7  # a few time gaps
+    time[rng.choice(n, 5, replace=False)] += 7  # a few time gaps: no effect on segments
     t = make_table(
         n,
         ids=ids,

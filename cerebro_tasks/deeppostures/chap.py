@@ -15,14 +15,14 @@ Format (shared/reference/deeppostures.md, "Predictions"), as written by DeepPost
 * ``timestamp``: window start, ``%Y-%m-%d %H:%M:%S``. DeepPostures formats with
   ``datetime.fromtimestamp(t)``, i.e. in the *process-local* time zone; its pre-processing made
   ``t`` with ``time.mktime`` of the device's naive wall-clock time, so the round trip prints the
-  device's wall clock when both ran in the same zone. This project's H5 contract
-  (:mod:`cerebro_tasks.deeppostures.h5format`) requires files made in UTC (window starts inside the
-  file's date read as UTC), so the same wall clock comes back by formatting in UTC: the default
-  ``timezone="UTC"`` does that, and does not depend on the ``TZ`` of whichever Spark executor
-  writes the file. ``timezone=None`` reproduces DeepPostures' process-local formatting exactly
-  (DST included); any IANA name is accepted too.
-* ``label`` / ``prediction``: DeepPostures' ``--activpal-label-map`` default inverted,
-  ``{0: "sitting", 1: "not-sitting", -1: "no-label"}``.
+  device's wall clock when both ran in the same zone. Here the zone is the study's (recorded in
+  the dataset at conversion, :mod:`cerebro_tasks.deeppostures.clock`), passed as ``timezone``,
+  so the CSV matches what DeepPostures prints on a machine in that zone, whatever the ``TZ`` of
+  the Spark executor that writes it. ``timezone=None`` formats in the process-local zone.
+* ``label`` / ``prediction``: class names from the study's label map, ``-1`` is ``no-label``;
+  by default DeepPostures' ``{0: "sitting", 1: "not-sitting", -1: "no-label"}``.
+* An ensemble (:func:`predict_subject_ensemble`, DeepPostures' CHAP) writes the majority vote of
+  its members per window; each member builds its own T-window sequences.
 * Sleep and non-wear windows are not written; the tail of each segment follows ``padding``
   (:func:`cerebro_tasks.deeppostures.sequences.build_prediction_sequences`).
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import time as _time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ __all__ = [
     "to_class_ids",
     "format_timestamps",
     "predict_subject",
+    "predict_subject_ensemble",
     "csv_bytes",
     "write_csv",
 ]
@@ -105,6 +106,21 @@ def predict_subject(
     predict_fn: PredictFn,
     *,
     window_size: int,
+    **options: Any,
+) -> pd.DataFrame:
+    """Predict every predictable window of ONE subject with one model; the CHAP CSV rows.
+
+    ``predict_fn``: ``X (b, T, 100, 3) float32 -> (b, T, C) scores | (b, T, 1) probability of
+    class 1 | (b, T) class ids`` (see :func:`to_class_ids`); ``window_size``: its T. The options
+    are :func:`predict_subject_ensemble`'s.
+    """
+    return predict_subject_ensemble(table, [(predict_fn, window_size)], **options)
+
+
+def predict_subject_ensemble(
+    table: Mapping[str, np.ndarray],
+    members: Sequence[tuple[PredictFn, int]],
+    *,
     padding: Padding = "drop",
     include_label: bool = False,
     include_segment: bool = True,
@@ -112,46 +128,53 @@ def predict_subject(
     timezone: str | None = "UTC",
     label_map: Mapping[int, str] | None = None,
     threshold: float = 0.5,
-    split_on_gaps: bool = True,
+    split_on_gaps: bool = False,
 ) -> pd.DataFrame:
-    """Predict every predictable window of ONE subject and return the CHAP CSV rows.
+    """Predict every predictable window of ONE subject by majority vote of ``members``.
 
     Args:
         table: window table of one subject in time order (see :mod:`cerebro_tasks.deeppostures.sequences`).
-        predict_fn: ``X (b, T, 100, 3) float32 -> (b, T, C) scores | (b, T, 1) probability of
-            not-sitting | (b, T) class ids`` (see :func:`to_class_ids`). Called once per
-            ``batch_size`` sequences, so memory stays bounded for long recordings.
-        window_size: T of the model.
-        padding: tail handling, ``"drop"`` | ``"zero"`` | ``"wrap"``.
+        members: ``(predict_fn, T)`` per model, best-ranked first (see :func:`predict_subject`).
+            Each is called once per ``batch_size`` of its own sequences, so memory stays bounded
+            for long recordings. One member: its predictions as they are.
+        padding: tail handling, ``"drop"`` | ``"zero"`` | ``"wrap"``. A window is written when
+            every member predicts it (with ``drop``, members of different T drop different tails).
         include_label: add the ``label`` column (``segment,timestamp,label,prediction``).
         include_segment: ``False`` drops the ``segment`` column (DeepPostures' ``--no-segment``).
         batch_size: sequences per ``predict_fn`` call.
-        timezone: see :func:`format_timestamps`.
+        timezone: the study's zone, see :func:`format_timestamps`.
         label_map: class id -> name; default :data:`CHAP_LABELS`.
         threshold: decision threshold for single-probability outputs.
         split_on_gaps: see :func:`cerebro_tasks.deeppostures.sequences.segment_ids`.
 
     Returns:
         DataFrame with columns ``segment,timestamp[,label],prediction``, one row per predicted
-        window in time order (empty, with the columns, when nothing is predictable).
+        window in time order (empty, with the columns, when nothing is predictable). The vote:
+        the class most members give; a tie goes to the best-ranked member among the tied classes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if not members:
+        raise ValueError("predict_subject_ensemble needs at least one (predict_fn, window_size)")
     names = dict(CHAP_LABELS if label_map is None else label_map)
     ids = np.asarray(table["id"])
     if ids.size and np.any(ids[1:] != ids[:-1]):
         raise ValueError("predict_subject takes the window table of one subject")
 
-    X, index = build_prediction_sequences(table, window_size, padding, split_on_gaps=split_on_gaps)
-    n, t = index.shape
-    classes = np.empty((n, t), dtype=np.int64)
-    for i in range(0, n, batch_size):
-        batch = X[i : i + batch_size]  # a view: no copy of X
-        classes[i : i + batch_size] = to_class_ids(predict_fn(batch), (batch.shape[0], t), threshold)
+    n_rows = len(np.asarray(table["time"]))
+    votes = np.full((len(members), n_rows), -1, dtype=np.int64)  # -1: this member did not predict it
+    for m, (predict_fn, window_size) in enumerate(members):
+        X, index = build_prediction_sequences(table, window_size, padding, split_on_gaps=split_on_gaps)
+        n, t = index.shape
+        classes = np.empty((n, t), dtype=np.int64)
+        for i in range(0, n, batch_size):
+            batch = X[i : i + batch_size]  # a view: no copy of X
+            classes[i : i + batch_size] = to_class_ids(predict_fn(batch), (batch.shape[0], t), threshold)
+        written = index >= 0
+        votes[m, index[written]] = classes[written]
 
-    written = index >= 0
-    rows = index[written]
-    preds = classes[written]
+    rows = np.flatnonzero((votes >= 0).all(axis=0))
+    preds = _majority(votes[:, rows])
 
     columns: dict[str, Any] = {}
     if include_segment:
@@ -162,6 +185,22 @@ def predict_subject(
         columns["label"] = _names(labels, names)
     columns["prediction"] = _names(preds, names)
     return pd.DataFrame(columns)
+
+
+def _majority(votes: np.ndarray) -> np.ndarray:
+    """Per column of ``(members, n)`` class ids: the most frequent; ties to the earliest member's."""
+    if votes.shape[0] == 1 or votes.shape[1] == 0:
+        return votes[0].copy() if votes.shape[0] else np.empty(0, np.int64)
+    k = int(votes.max()) + 1
+    counts = np.zeros((k, votes.shape[1]), dtype=np.int64)
+    for row in votes:
+        counts[row, np.arange(votes.shape[1])] += 1
+    top = counts.max(axis=0)
+    out = np.full(votes.shape[1], -1, dtype=np.int64)
+    for row in votes:  # best-ranked first: the first member whose class has the top count decides
+        pick = (out < 0) & (counts[row, np.arange(votes.shape[1])] == top)
+        out[pick] = row[pick]
+    return out
 
 
 def _names(ids: np.ndarray, names: Mapping[int, str]) -> np.ndarray:

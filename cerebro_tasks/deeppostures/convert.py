@@ -35,12 +35,24 @@ Publishing (what a reader opening the dataset mid-conversion sees):
    leftovers (staging folders, parts no manifest lists).
 
 Validation (each file, on the executor): the five datasets, dtypes, shapes, 10 s steps within
-the file's date, labels in {-1, 0, 1}, flags in {0, 1}, finite data (``h5format``); on the
+the file's date in the study's time zone, labels in {-1, 0 .. C-1}, flags in {0, 1}, finite data
+(``h5format``); on the
 driver: the ``<subject>/<YYYY-MM-DD>.h5`` layout, subject ids safe as a path component, and
 consecutive dates per subject (the files after a gap are refused, the days before it kept). An
 invalid file is reported as ``{"path", "field", "problem"}`` in the quarantine and the others
 still convert; ``fail_fast=True`` raises :class:`~cerebro_tasks.deeppostures.h5format.H5FormatError`
 at the first one and publishes nothing.
+
+The study (recorded in the manifest, fixed for the dataset's life): its time zone (``timezone``,
+an IANA name, default UTC: the zone of the machine that pre-processed it, see
+:mod:`cerebro_tasks.deeppostures.clock`) and its label map (``label_map``, default sitting 0 /
+not-sitting 1, see :mod:`cerebro_tasks.deeppostures.classes`). Omitted on a later run, they are
+read back from the manifest; a different one is refused (convert into a new dataset). A zone that
+does not fit the study, i.e. at least half the files read have windows outside their date in it
+while another zone fits them, fails the whole run naming the zone, a few files and the zone that
+fits, and publishes nothing. A daylight-saving change inside a file is handled as ``clock``
+decides (an hour repeated: kept, listed in the report's ``dst_changes``; an hour skipped:
+quarantined naming the windows).
 
 Measured (``bench/convert.py``, 2 shared cores, 8 subjects x 4 full days, 276 k windows, 644 MB
 of H5; medians of 5 runs interleaved with the ceiling): the conversion runs at ~155 k windows/s
@@ -70,11 +82,11 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from cerebro_tasks.deeppostures import h5format
+from cerebro_tasks.deeppostures import classes, clock, h5format
 from cerebro_tasks.deeppostures import petastorm_io as pio
 from cerebro_tasks.storage.store import Store
 
-__all__ = ["convert", "content_fingerprint", "ConversionError", "MANIFEST_FORMAT", "QUARANTINE_NAME", "list_h5_tree"]
+__all__ = ["convert", "dataset_study", "content_fingerprint", "ConversionError", "MANIFEST_FORMAT", "QUARANTINE_NAME", "list_h5_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +235,16 @@ def content_fingerprint(table) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _dst_changes(day: h5format.H5Day, zone: str) -> list[dict]:
+    """The daylight-saving changes a (valid) file spans: the window after each, and the change."""
+    out = []
+    for at, change in clock.offset_changes(int(day.time[0]), int(day.time[-1]) + 1, zone):
+        window = int(np.searchsorted(day.time, at + max(0, -change)))  # mktime's step (see clock)
+        out.append({"window": window, "change_s": int(change),
+                    "at": _dt.datetime.fromtimestamp(at, clock.zone_info(zone)).isoformat()})
+    return out
+
+
 def _convert_group(group: list[dict]) -> list[dict]:
     """Executor: the files of one Spark task, one after the other (memory: one file at a time)."""
     return [_convert_one(task) for task in group]
@@ -257,13 +279,18 @@ def _convert_one(task: dict) -> dict:
     try:
         local = _localise(task["path"], tmpdir)
         try:
-            day = h5format.read_h5(local, task["subject"], task["date"], validate=True)
+            day = h5format.read_h5(local, task["subject"], task["date"], validate=True,
+                                   timezone=task["timezone"], num_classes=task["num_classes"])
+        except h5format.OutsideDateError as err:  # counted by the driver: the zone may be wrong
+            out["time_range"] = [err.first, err.last]
+            return _invalid(task, out, err.field, err.problem)
         except h5format.H5FormatError as err:
             return _invalid(task, out, err.field, err.problem)
         except OSError as err:  # not an HDF5 file at all, truncated, unreadable
             return _invalid(task, out, "file", f"expected a readable HDF5 file, found: {err}")
         lap("read_validate")
         n = day.num_windows
+        out["dst_changes"] = _dst_changes(day, task["timezone"])
         usable = int(np.count_nonzero((day.non_wear == 0) & (day.sleeping == 0) & (day.label != -1)))
         table = pio.windows_to_table({
             "id": day.subject, "time": day.time.astype(np.int64), "data": day.data,
@@ -330,6 +357,48 @@ def _empty_manifest(h5_root: str, row_group_rows: int) -> dict:
             "files": {}, "quarantine": {}}
 
 
+def dataset_study(dataset_url: str) -> dict[str, Any]:
+    """The study a dataset was converted for: ``{"timezone", "label_map"}`` from its manifest
+    (UTC and the default map for datasets written before they were recorded, or without one)."""
+    store = Store(dataset_url)
+    manifest = store.read_json(pio.MANIFEST_NAME) if store.exists(pio.MANIFEST_NAME) else {}
+    return {"timezone": manifest.get("timezone", clock.DEFAULT_ZONE),
+            "label_map": manifest.get("label_map", dict(classes.DEFAULT_LABEL_MAP))}
+
+
+def _study(manifest: dict, store: Store, timezone: str | None, label_map: dict | str | None) -> tuple[str, dict]:
+    """The run's zone and label map: as given, else as recorded; a change on a dataset that
+    already holds files is refused (its windows were checked, and are read, in the recorded ones)."""
+    recorded_zone = manifest.get("timezone", clock.DEFAULT_ZONE)
+    recorded_map = manifest.get("label_map", dict(classes.DEFAULT_LABEL_MAP))
+    zone = recorded_zone if timezone is None else clock.check_zone(timezone)
+    label_map = recorded_map if label_map is None else classes.check_label_map(label_map)
+    if manifest.get("files"):
+        for what, given, recorded in (("time zone", zone, recorded_zone), ("label map", label_map, recorded_map)):
+            if given != recorded:
+                raise ConversionError(f"{store.url}: this dataset was converted with the {what} {recorded!r}, "
+                                      f"asked for {given!r}; convert into a new dataset to change it")
+    return zone, label_map
+
+
+def _check_zone_fits(zone: str, results: list[dict], skipped: int) -> None:
+    """Fail the run when ``zone`` does not fit the study: at least half the files have windows
+    outside their date in it and another zone fits those files (a few bad files are quarantined)."""
+    misfits = [r for r in results if r.get("time_range")]
+    if not misfits or 2 * len(misfits) < len(results) + skipped:
+        return
+    sample = misfits[:200]
+    fits = clock.zones_that_fit((_dt.date.fromisoformat(r["date"]), *r["time_range"]) for r in sample)
+    if not fits or zone in fits:
+        return
+    examples = "; ".join(f"{r['path']}: {r['problem']}" for r in misfits[:3])
+    also = f" (or another zone with the same offsets on these dates, e.g. {', '.join(fits[1:4])})" if fits[1:] else ""
+    raise ConversionError(
+        f"time zone {zone!r} does not fit this study: {len(misfits)} of {len(results) + skipped} files have windows "
+        f"outside their date in {zone}, e.g. {examples}. The zone that fits: {fits[0]}{also}; pass the zone of the "
+        f"machine that pre-processed the study (--timezone {fits[0]}). Nothing was published.")
+
+
 def _load_manifest(store: Store, h5_root: str, row_group_rows: int) -> dict:
     if not store.exists(pio.MANIFEST_NAME):
         return _empty_manifest(h5_root, row_group_rows)
@@ -354,14 +423,16 @@ LOCK_NAME = "_cerebro_convert.lock"
 
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
             row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False,
-            lock_wait_s: float = 3600.0) -> dict:
+            lock_wait_s: float = 3600.0, timezone: str | None = None,
+            label_map: dict[str, int] | str | None = None) -> dict:
     """Convert (incrementally) every H5 day file under ``h5_root`` into the dataset at ``dataset_url``.
 
     Returns a report: ``files`` counts (listed, converted, skipped, unchanged_content, removed,
     quarantined), ``windows`` (live total and converted this run), ``subjects``, ``quarantine``
     (``[{"path", "field", "problem"}]``), ``version`` (the manifest's commit number, bumped only
-    when the dataset changed), ``bytes_read``/``bytes_written``, ``peak_task_memory_mb``
-    and ``seconds``. See the module docstring for the semantics.
+    when the dataset changed), ``bytes_read``/``bytes_written``, ``peak_task_memory_mb``,
+    ``timezone``, ``label_map``, ``dst_changes`` and ``seconds``. See the module docstring for the
+    semantics (``timezone`` and ``label_map``: None = as recorded, else UTC and the default map).
 
     One conversion at a time per dataset (the ingest and model-selection DAGs both convert, both
     at midnight): a second one waits up to ``lock_wait_s`` for the first, then fails with
@@ -371,11 +442,12 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     _refuse_foreign_folder(store)
     with store.lock(LOCK_NAME, wait_s=lock_wait_s):
         return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
-                               row_group_rows=row_group_rows, measure_memory=measure_memory)
+                               row_group_rows=row_group_rows, measure_memory=measure_memory,
+                               timezone=timezone, label_map=label_map)
 
 
 def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verify: bool, row_group_rows: int,
-                    measure_memory: bool) -> dict:
+                    measure_memory: bool, timezone: str | None, label_map: dict | str | None) -> dict:
     started = time.perf_counter()
     dataset_url = store.url
     if spark is None:
@@ -383,6 +455,7 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
 
         spark = get_spark("cerebro-convert")
     manifest = _load_manifest(store, h5_root, int(row_group_rows))
+    zone, label_map = _study(manifest, store, timezone, label_map)
     old_files: dict[str, dict] = manifest["files"]
     old_quarantine: dict[str, dict] = manifest.get("quarantine", {})
 
@@ -411,7 +484,7 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
             carried_quarantine[f["rel"]] = oldq  # same bad file as last time: no need to read it again
             continue
         tasks.append(dict(f, stage_url=stage_url, row_group_rows=int(row_group_rows), fail_fast=fail_fast,
-                          measure_memory=measure_memory,
+                          measure_memory=measure_memory, timezone=zone, num_classes=len(label_map),
                           known_fingerprint=old["fingerprint"] if old else None,
                           known_part=old["part"] if old else None))
 
@@ -428,6 +501,11 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
             _raise_tagged(err)
             raise ConversionError(f"conversion job failed for {h5_root} -> {dataset_url}: "
                                   f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    try:
+        _check_zone_fits(zone, results, len(skipped))
+    except ConversionError:
+        _cleanup_stage(store, run_id)
+        raise
 
     timings["job"] = round(time.perf_counter() - job_started, 3)
     publish_started = time.perf_counter()
@@ -465,8 +543,9 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
     changed = bool(converted or removed or obsolete_parts)
     manifest_dirty = changed or unchanged_content or quarantine != old_quarantine \
         or not store.exists(pio.MANIFEST_NAME)
+    manifest_dirty = manifest_dirty or manifest.get("timezone") != zone or manifest.get("label_map") != label_map
     new_manifest = dict(manifest, files=dict(sorted(new_files.items())), quarantine=dict(sorted(quarantine.items())),
-                        h5_root=h5_root, row_group_rows=int(row_group_rows))
+                        h5_root=h5_root, row_group_rows=int(row_group_rows), timezone=zone, label_map=label_map)
     if changed:
         new_manifest["version"] = int(manifest.get("version", 0)) + 1
         new_manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -508,6 +587,9 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
         "subjects": len({e["subject"] for e in new_files.values()}),
         "removed": removed,
         "quarantine": quarantine_list,
+        "timezone": zone,
+        "label_map": label_map,
+        "dst_changes": [{"path": r["path"], **c} for r in converted for c in r.get("dst_changes", [])],
         "bytes_read": bytes_read,
         "bytes_written": sum(int(r["bytes"]) for r in converted),
         "peak_task_memory_mb": {
@@ -523,6 +605,9 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
     }
     for q in quarantine_list:
         log.warning("quarantined %s: field '%s': %s", q["path"], q["field"], q["problem"])
+    for c in report["dst_changes"]:
+        log.warning("%s: daylight-saving change of %+d s at %s (%s) before window %d: kept in file order, "
+                    "timestamps as time.mktime made them", c["path"], c["change_s"], c["at"], zone, c["window"])
     log.info("convert %s -> %s: %s", h5_root, dataset_url, report["files"])
     return report
 

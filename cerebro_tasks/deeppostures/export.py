@@ -1,8 +1,15 @@
-"""Export the best model of a run: `.keras`, a TensorFlow SavedModel for serving, and metadata.
+"""Export the best model of a run (or its top k, CHAP-style): `.keras`, a SavedModel, metadata.
 
 Published atomically as `<export_dir>/<run_id>/` (built beside it, then renamed), then the
 `<export_dir>/LATEST` pointer (a one-line file holding the run id; a file, not a symlink, so it
 works on HDFS too) is replaced.
+
+`model.keras` is the best model, uncompiled and built from Keras' own layers only: it loads with
+plain `keras.saving.load_model` in a Python that never imported this package. With `top_k=k`
+(odd, default 1) the k best models of the search (ranked in the run's `summary.json`, failed
+models left out) are exported too, as `ensemble/<rank>-<model_id>.keras`; the prediction step then
+writes their majority vote per window, like DeepPostures' published CHAP model (three models,
+BiLSTM windows 9, 9 and 7 minutes). `metadata.json` says which models vote (`ensemble`).
 """
 
 from __future__ import annotations
@@ -50,19 +57,60 @@ def data_manifest(prepared_url: str) -> dict[str, Any]:
     }
 
 
-def export_best(run_url: str, export_url: str) -> dict[str, Any]:
-    """Export the model named in `<run>/result.json`; returns the small summary (XCom)."""
+ENSEMBLE_DIR = "ensemble"
+
+
+def ranked_members(run: Store, result: dict[str, Any], top_k: int) -> list[dict[str, Any]]:
+    """The k best models of a run, best first: ``{"model_id", "params", "value", "checkpoint"}``.
+
+    The ranking is the run's ``summary.json`` (failed models left out); the best is the one
+    ``result.json`` names, with its checkpoint. Another model's final checkpoint is the one after
+    all its epochs (``epochs x workers`` train units); a missing one fails naming it.
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1 or top_k % 2 == 0:
+        raise ValueError(f"top_k: expected an odd integer >= 1 (a majority vote needs one), got {top_k!r}")
+    members = [{"model_id": result["best_model_id"], "params": result["best_params"], "value": result["best_value"],
+                "checkpoint": result["best_checkpoint"]}]
+    if top_k == 1:
+        return members
+    summary = run.read_json(layout.SUMMARY_JSON)
+    failed = set(summary.get("failed_models") or [])
+    rows = [r for r in summary["models"] if r["model_id"] not in failed and r["model_id"] != result["best_model_id"]]
+    if len(rows) + 1 < top_k:
+        raise ValueError(f"top_k={top_k}: the run {run.url_of()} has {len(rows) + 1} usable models")
+    for row in rows[: top_k - 1]:
+        step = int(row["epochs"]) * int(summary["num_workers"])
+        name = layout.checkpoint_name(row["model_id"], step)
+        if not run.exists(*name):
+            raise ValueError(f"{run.url_of(*name)}: expected the final checkpoint of {row['model_id']} "
+                             f"(rank {row['rank']}), found none")
+        members.append({"model_id": row["model_id"], "params": row["params"], "value": row.get(summary["metric"]),
+                        "checkpoint": run.url_of(*name)})
+    return members
+
+
+def _load_for_export(checkpoint_url: str) -> Any:
+    """A checkpoint without its training state: uncompiled, so the saved file names nothing of
+    this package (the compiled checkpoint's metric is ours) and loads with plain Keras."""
     import keras
 
     from cerebro_tasks.deeppostures.workload import custom_objects
 
+    folder, name = checkpoint_url.rsplit("/", 1)
+    with Store(folder).local_copy(name) as path:
+        return keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
+
+
+def export_best(run_url: str, export_url: str, top_k: int = 1) -> dict[str, Any]:
+    """Export the model named in `<run>/result.json` (and with `top_k` > 1 the next best, for a
+    majority vote); returns the small summary (XCom)."""
     run = Store(run_url)
     result = run.read_json(layout.RESULT)
     config = run.read_json(layout.CONFIG)["config"]
     history = run.read_json(layout.HISTORY)
-    ckpt = Store(result["best_checkpoint"].rsplit("/", 1)[0])
-    with ckpt.local_copy(result["best_checkpoint"].rsplit("/", 1)[1]) as path:
-        model = keras.saving.load_model(path, custom_objects=custom_objects())
+    members = ranked_members(run, result, top_k)
+    models = [_load_for_export(m["checkpoint"]) for m in members]
+    model = models[0]
     meta = {
         "run_id": result["run_id"],
         "model_id": result["best_model_id"],
@@ -77,17 +125,30 @@ def export_best(run_url: str, export_url: str) -> dict[str, Any]:
         "output_shape": list(model.output_shape),
         "packages": package_versions(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ensemble": {
+            "k": len(members),
+            "vote": "majority per window; a window every member predicts; a tie goes to the best-ranked member",
+            "members": [{"rank": i + 1, "model_id": m["model_id"], "params": m["params"], "value": m["value"],
+                         "window_size": int(mdl.input_shape[1]),
+                         "file": "model.keras" if len(members) == 1 else f"{ENSEMBLE_DIR}/{i + 1}-{m['model_id']}.keras"}
+                        for i, (m, mdl) in enumerate(zip(members, models))],
+        },
     }
     export = Store(export_url)
     with tempfile.TemporaryDirectory() as d:
         model.save(os.path.join(d, "model.keras"))
+        if len(members) > 1:
+            os.makedirs(os.path.join(d, ENSEMBLE_DIR))
+            for member, mdl in zip(meta["ensemble"]["members"], models):
+                mdl.save(os.path.join(d, member["file"]))
         model.export(os.path.join(d, "saved_model"), verbose=False)  # serving signature, no Python needed
         with open(os.path.join(d, "metadata.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
         export.put_tree(d, result["run_id"])
     export.write_bytes((result["run_id"] + "\n").encode(), LATEST)
     return {"export_url": export.url_of(result["run_id"]), "model_id": meta["model_id"], "params": meta["params"],
-            "metric": meta["metric"], "value": meta["value"]}
+            "metric": meta["metric"], "value": meta["value"],
+            "ensemble": [m["model_id"] for m in meta["ensemble"]["members"]]}
 
 
 def latest_export(export_url: str) -> str:

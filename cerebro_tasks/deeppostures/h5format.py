@@ -10,7 +10,7 @@ time       (N,)          float64 window start, epoch seconds, consecutive window
 data       (N, 100, 3)   float64 100 samples at 10 Hz of X, Y, Z acceleration in g
 non_wear   (N,)          int64   1 = device not worn
 sleeping   (N,)          int64   1 = subject asleep
-label      (N,)          int64   0 sitting, 1 not-sitting, -1 no label
+label      (N,)          int64   class index (default 0 sitting, 1 not-sitting), -1 no label
 ========== ============= ======= ===========================================================
 
 Validation policy (what :func:`read_h5` checks when ``validate=True``):
@@ -21,10 +21,13 @@ Validation policy (what :func:`read_h5` checks when ``validate=True``):
   the *width* is lenient: float32 or int32 files are accepted and widened to float64 / int64, so an
   ``H5Day`` always carries the exact reference dtypes;
 * shapes: ``time`` (N,), ``data`` (N, 100, 3), the flags and ``label`` (N,), same N, N >= 1;
-* ``time`` finite and exactly 10 s apart, every window start inside the file's calendar date read
-  as UTC (real pre-processing converts the study's wall-clock time with ``time.mktime``, so files
-  made on a machine whose local zone is not UTC are shifted by that offset and fail this check);
-* ``label`` in {-1, 0, 1}, ``non_wear`` and ``sleeping`` in {0, 1}, ``data`` finite.
+* ``time`` finite, every window start inside the file's calendar date read in the study's time
+  zone (``timezone``, default UTC: pre-processing converts the device's wall clock with
+  ``time.mktime`` in its machine's zone, see :mod:`cerebro_tasks.deeppostures.clock`), and
+  consecutive windows exactly 10 s apart, except the one step a daylight-saving change makes
+  (an hour repeated: kept; an hour skipped: refused, naming the windows; see ``clock``);
+* ``label`` in {-1, 0, ..., C-1} (``num_classes`` C, default 2), ``non_wear`` and ``sleeping``
+  in {0, 1}, ``data`` finite.
 
 The label of sleep and non-wear windows is not checked against the flags: the reference
 pre-processing takes labels from activPAL events regardless of sleep logs and non-wear times, so
@@ -42,8 +45,12 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from zoneinfo import ZoneInfo
+
 import h5py
 import numpy as np
+
+from cerebro_tasks.deeppostures import clock
 
 __all__ = [
     "DATASETS",
@@ -51,9 +58,11 @@ __all__ = [
     "SAMPLES_PER_WINDOW",
     "WINDOWS_PER_DAY",
     "LABEL_VALUES",
+    "label_values",
     "FLAG_VALUES",
     "H5Day",
     "H5FormatError",
+    "OutsideDateError",
     "list_h5_files",
     "scan_h5_root",
     "validate_subject_id",
@@ -78,7 +87,6 @@ FLAG_VALUES = (0, 1)
 
 MAX_SUBJECT_ID_LENGTH = 128
 _DATE_FILE_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})\.h5$")
-_SECONDS_PER_DAY = 86_400
 
 
 class H5FormatError(ValueError):
@@ -98,6 +106,19 @@ class H5FormatError(ValueError):
 
     def __reduce__(self):  # keep the three attributes when pickled (Spark ships exceptions)
         return (type(self), (self.path, self.field, self.problem))
+
+
+class OutsideDateError(H5FormatError):
+    """Windows outside the file's date in the study's zone: the sign of a wrong zone when most
+    files of a study show it. ``first`` and ``last`` are the file's first and last window start."""
+
+    def __init__(self, path: str, field: str, problem: str, first: float = 0.0, last: float = 0.0) -> None:
+        super().__init__(path, field, problem)
+        self.first = float(first)
+        self.last = float(last)
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.field, self.problem, self.first, self.last))
 
 
 @dataclass
@@ -243,13 +264,14 @@ def validate_consecutive_days(days: list[tuple[_dt.date, str]]) -> None:
 
 
 def read_h5(path: str, subject: str | None = None, date: _dt.date | str | None = None, *,
-            validate: bool = True) -> H5Day:
+            validate: bool = True, timezone: str = clock.DEFAULT_ZONE, num_classes: int = 2) -> H5Day:
     """Read one DeepPostures day file into an :class:`H5Day`.
 
     ``subject`` defaults to the name of the file's folder and ``date`` to the file name
     (``YYYY-MM-DD.h5``); ``date`` may be a ``date``, a ``datetime`` or an ISO string.
-    With ``validate`` (the default) every rule in the module docstring is checked and the first
-    broken one raises :class:`H5FormatError`; without it only presence is checked and values are
+    With ``validate`` (the default) every rule in the module docstring is checked (dates in the
+    study's ``timezone``, labels below ``num_classes``) and the first broken one raises
+    :class:`H5FormatError`; without it only presence is checked and values are
     converted to the reference dtypes as they are (for trusted data, e.g. just written).
     A file that is not HDF5 at all, or cannot be read, raises h5py's ``OSError`` unchanged: an
     I/O failure is not a verdict on the data.
@@ -269,7 +291,7 @@ def read_h5(path: str, subject: str | None = None, date: _dt.date | str | None =
                   for name in DATASETS}
     result = H5Day(subject=subject, date=day, path=path, **arrays)
     if validate:
-        validate_day(result)
+        validate_day(result, timezone=timezone, num_classes=num_classes)
     return result
 
 
@@ -334,36 +356,64 @@ def _shape_text(trailing: tuple[int, ...]) -> str:
     return "(" + ", ".join(["N"] + [str(d) for d in trailing]) + ("," if not trailing else "") + ")"
 
 
-def validate_day(day: H5Day) -> None:
+def validate_day(day: H5Day, *, timezone: str = clock.DEFAULT_ZONE, num_classes: int = 2) -> None:
     """Check the values of a day already in memory (shapes are assumed right).
 
     Also usable on arrays built in memory before writing. Raises :class:`H5FormatError`.
     """
-    _check_time(day.path, day.time, day.date)
-    _check_values(day.path, "label", day.label, LABEL_VALUES)
+    _check_time(day.path, day.time, day.date, timezone)
+    _check_values(day.path, "label", day.label, label_values(num_classes))
     _check_values(day.path, "non_wear", day.non_wear, FLAG_VALUES)
     _check_values(day.path, "sleeping", day.sleeping, FLAG_VALUES)
     _check_finite_data(day.path, day.data)
 
 
-def _check_time(path: str, time: np.ndarray, day: _dt.date) -> None:
-    """Finite, exactly 10 s steps, and every window start inside ``day`` (UTC)."""
+def label_values(num_classes: int = 2) -> tuple[int, ...]:
+    """The labels a file of a ``num_classes``-class study may hold: -1 (no label), 0 .. C-1."""
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    return (-1, *range(int(num_classes)))
+
+
+def _check_time(path: str, time: np.ndarray, day: _dt.date, zone: str = clock.DEFAULT_ZONE) -> None:
+    """Finite, every window start inside ``day`` in ``zone``, exactly 10 s steps except the one
+    a daylight-saving change makes (:mod:`cerebro_tasks.deeppostures.clock` decides which)."""
     bad = _first_index(~np.isfinite(time))
     if bad is not None:
         raise H5FormatError(path, "time",
                             f"expected finite epoch seconds, found {time[bad]} at window {bad}")
+    start, end = clock.day_bounds(day, zone)
+    bad = _first_index((time < start) | (time >= end))
+    if bad is not None:
+        raise OutsideDateError(
+            path, "time", f"expected window starts within {day.isoformat()} ({zone}), "
+            f"found {_wall_text(time[bad], zone)} at window {bad}", time[0], time[-1])
     steps = np.diff(time)
-    bad = _first_index(steps != WINDOW_SECONDS)
+    odd = steps != WINDOW_SECONDS
+    for change_at, change in clock.offset_changes(start, end, zone):
+        # mktime's step: the first window after it starts within 10 s of the change (clocks
+        # forward) or of the end of the repeated hour, which mktime read with the earlier offset.
+        after = change_at + max(0, -change)
+        at = np.flatnonzero(odd & (time[1:] >= after) & (time[1:] < after + WINDOW_SECONDS))
+        if at.size != 1 or steps[at[0]] != WINDOW_SECONDS - change:
+            continue
+        i = int(at[0])
+        if change > 0:  # an hour skipped: its windows carry the epoch seconds of the next hour's
+            n = change // WINDOW_SECONDS
+            first = max(i + 1 - n, 0)
+            offset = clock.utc_offset(change_at - 1, zone)  # before the change: how mktime read the hour
+            wall = [_wall_text(t + offset, "UTC") for t in (time[first], time[i], change_at)]
+            raise H5FormatError(
+                path, "time", f"expected window starts in time order, found windows {first}-{i} (device wall "
+                f"clock {wall[0]} to {wall[1]}, in the hour {zone} skips at {wall[2]}) at the epoch "
+                f"seconds of windows {i + 1}-{min(i + n, len(time) - 1)}, as time.mktime gives them; "
+                f"quarantined rather than interleaved with them")
+        odd[i] = False  # an hour repeated: mktime read it once; windows stay in order
+    bad = _first_index(odd)
     if bad is not None:
         raise H5FormatError(
             path, "time", f"expected consecutive windows exactly {WINDOW_SECONDS} s apart, "
             f"found {steps[bad]:g} s between window {bad} and window {bad + 1}")
-    start = _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.timezone.utc).timestamp()
-    bad = _first_index((time < start) | (time >= start + _SECONDS_PER_DAY))
-    if bad is not None:
-        raise H5FormatError(
-            path, "time", f"expected window starts within {day.isoformat()} (UTC), "
-            f"found {_utc_text(time[bad])} at window {bad}")
 
 
 def _check_values(path: str, field: str, values: np.ndarray, allowed: Iterable[int]) -> None:
@@ -393,10 +443,10 @@ def _first_index(mask: np.ndarray) -> int | None:
     return int(np.argmax(mask))
 
 
-def _utc_text(epoch_seconds: float) -> str:
-    """Epoch seconds as ``YYYY-MM-DD HH:MM:SS`` UTC (for messages)."""
+def _wall_text(epoch_seconds: float, zone: str) -> str:
+    """Epoch seconds as ``YYYY-MM-DD HH:MM:SS`` wall clock in ``zone`` (for messages)."""
     try:
-        moment = _dt.datetime.fromtimestamp(float(epoch_seconds), tz=_dt.timezone.utc)
+        moment = _dt.datetime.fromtimestamp(float(epoch_seconds), tz=ZoneInfo(zone))
     except (OverflowError, OSError, ValueError):
         return f"{epoch_seconds!r} s"
     return moment.strftime("%Y-%m-%d %H:%M:%S")

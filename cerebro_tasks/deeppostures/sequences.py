@@ -11,15 +11,13 @@ concatenated in (id, time) order::
     non_wear (N,)        sleeping (N,)             label (N,) int32 (0 sitting, 1 not-sitting, -1 none)
 
 Segments. A window is *excluded* when sleeping == 1 or non_wear == 1, and in training also
-when label == -1. A segment is a maximal run of included windows of one subject in which
-consecutive windows are exactly 10 s apart. An excluded window, a new subject or a time gap
-ends it. Day files of one subject are consecutive rows, so segments continue across midnight.
-
-Note on time gaps: DeepPostures' own reader does not look at time at all (only at the exclusion
-flags), so this rule can only differ from it where the table has a gap, e.g. a first day whose
-start second is not a multiple of 10 (pre-processing drops the partial last window of each day)
-or a DST change in the pre-processing's ``time.mktime``. ``split_on_gaps=False`` reproduces
-DeepPostures exactly in those cases.
+when label == -1. A segment is a maximal run of included windows of one subject; an excluded
+window or a new subject ends it. As in DeepPostures, timestamps play no part: day files of one
+subject are consecutive rows, so segments continue across midnight, including the normal
+5-15 s jump between day 1 (which starts at the recording's start second) and day 2 (which
+starts at 00:00:00). ``split_on_gaps=True`` also ends a segment wherever consecutive windows
+are not exactly 10 s apart: a departure from DeepPostures (other segment numbers, sequences
+and predictions), off by default.
 
 No TensorFlow import here: the Spark driver and the CSV writer use it without Keras.
 """
@@ -80,7 +78,7 @@ def _column(table: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
 
 
 def segment_ids(
-    table: Mapping[str, np.ndarray], *, training: bool, split_on_gaps: bool = True
+    table: Mapping[str, np.ndarray], *, training: bool, split_on_gaps: bool = False
 ) -> np.ndarray:
     """Segment index of every window, ``-1`` for excluded windows.
 
@@ -146,7 +144,7 @@ def _check_window_size(window_size: int) -> int:
 
 
 def build_training_sequences(
-    table: Mapping[str, np.ndarray], window_size: int, *, split_on_gaps: bool = True
+    table: Mapping[str, np.ndarray], window_size: int, *, split_on_gaps: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Non-overlapping T-window training examples, remainder of each segment dropped.
 
@@ -213,7 +211,7 @@ def build_prediction_sequences(
     window_size: int,
     padding: Padding = "drop",
     *,
-    split_on_gaps: bool = True,
+    split_on_gaps: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """T-window sequences covering the predictable windows of one subject.
 

@@ -38,9 +38,17 @@ consumers prove they exclude by the flags, not by the label.
 
 Clock and files
 ---------------
-Times are epoch seconds with the wall clock read as UTC, windows aligned to whole 10 s from
-midnight so that segments run on across midnight without a gap. Full days (the default): the
-recording starts at 13:00-16:00 on the first day (09:00-10:00 when ``days=1``) and ends at
+The timeline is wall clock, windows aligned to whole 10 s from midnight. ``time`` is what
+DeepPostures' pre-processing writes on a machine in ``timezone`` (default UTC): the wall clock
+through ``time.mktime`` in that zone (:func:`cerebro_tasks.deeppostures.clock.wall_to_epoch`),
+so a study "pre-processed" in ``America/Los_Angeles`` or ``Australia/Sydney`` has the same
+windows, flags and labels as the UTC one, with times shifted by the zone's offset (and, on a
+daylight-saving day, mktime's step at the change).
+
+Classes: ``num_classes=2`` (default) labels sitting 0 and standing or walking 1, DeepPostures'
+default map; ``num_classes=3`` labels sitting 0, standing 1, walking (stepping) 2.
+
+Full days (the default): the recording starts at 13:00-16:00 on the first day (09:00-10:00 when ``days=1``) and ends at
 11:00-13:00 on the last (17:00-18:00 when ``days=1``); middle days hold 8,640 windows.
 
 ``windows_per_day=K`` (compact, for fast tests): every file holds K windows; day 1 holds the K
@@ -72,6 +80,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from cerebro_tasks.deeppostures import clock
 from cerebro_tasks.deeppostures.h5format import (
     DATASETS,
     SAMPLES_PER_WINDOW,
@@ -181,7 +190,8 @@ def subject_id(prefix: str, index: int) -> str:
 
 def synthesize(out_dir: str, *, subjects: int, days: int, seed: int,
                windows_per_day: int | None = None, start_date: str = "2024-03-04",
-               subject_prefix: str = "S", label_excluded: bool = False) -> list[str]:
+               subject_prefix: str = "S", label_excluded: bool = False, timezone: str = clock.DEFAULT_ZONE,
+               num_classes: int = 2) -> list[str]:
     """Write ``subjects`` x ``days`` DeepPostures day files under ``out_dir``; return their paths.
 
     Paths are sorted by subject then date. Files of an earlier run with the same arguments are
@@ -191,6 +201,10 @@ def synthesize(out_dir: str, *, subjects: int, days: int, seed: int,
     """
     first_date = _check_arguments(subjects, days, seed, windows_per_day, start_date,
                                   subject_prefix)
+    clock.check_zone(timezone)
+    if num_classes not in (2, 3):
+        raise ValueError(f"num_classes: expected 2 (sitting / not-sitting) or 3 (sitting / standing / "
+                         f"stepping), found {num_classes!r}")
     ids = [subject_id(subject_prefix, i) for i in range(subjects)]
     for sid in ids:
         validate_subject_id(sid)
@@ -201,7 +215,8 @@ def synthesize(out_dir: str, *, subjects: int, days: int, seed: int,
         folder = os.path.join(out_dir, sid)
         os.makedirs(folder, exist_ok=True)
         for date, arrays in _subject_days(seed, index, first_date, days, windows_per_day,
-                                          label_excluded):
+                                          label_excluded, num_classes):
+            arrays["time"] = clock.wall_to_epoch(arrays["time"], timezone)  # as mktime in that zone
             path = os.path.join(folder, f"{date.isoformat()}.h5")
             write_day_h5(path, arrays)
             written.append(path)
@@ -247,6 +262,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--subject-prefix", default="S", help="subject ids are <prefix>0001...")
     parser.add_argument("--label-excluded", action="store_true",
                         help="label sleep/non-wear windows as activPAL would instead of -1")
+    parser.add_argument("--timezone", default=clock.DEFAULT_ZONE,
+                        help="write times as DeepPostures' pre-processing does on a machine in this zone (IANA name)")
+    parser.add_argument("--num-classes", type=int, default=2, choices=(2, 3),
+                        help="2: sitting / not-sitting; 3: sitting / standing / stepping")
     return parser
 
 
@@ -254,7 +273,8 @@ def run_cli(args: argparse.Namespace) -> list[str]:
     """Run ``synthesize`` from parsed ``add_cli_arguments`` options."""
     return synthesize(args.out, subjects=args.subjects, days=args.days, seed=args.seed,
                       windows_per_day=args.windows_per_day, start_date=args.start_date,
-                      subject_prefix=args.subject_prefix, label_excluded=args.label_excluded)
+                      subject_prefix=args.subject_prefix, label_excluded=args.label_excluded,
+                      timezone=args.timezone, num_classes=args.num_classes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,7 +337,7 @@ def _rng(seed: int, subject_index: int, *stream: int) -> np.random.Generator:
 
 
 def _subject_days(seed: int, index: int, first_date: _dt.date, days: int,
-                  windows_per_day: int | None, label_excluded: bool):
+                  windows_per_day: int | None, label_excluded: bool, num_classes: int = 2):
     """Yield ``(date, arrays)`` for each day file of subject ``index``, one day in memory."""
     profile = _make_profile(_rng(seed, index, _STREAM_PROFILE))
     plan_rng = _rng(seed, index, _STREAM_PLAN)
@@ -331,7 +351,7 @@ def _subject_days(seed: int, index: int, first_date: _dt.date, days: int,
     bouts = _make_bouts(_rng(seed, index, _STREAM_BOUTS), profile, total)
     for d, plan in enumerate(plans):
         arrays = _render_day(_rng(seed, index, _STREAM_DAY, d), profile, bouts, overlays, plan,
-                             label_excluded)
+                             label_excluded, num_classes)
         yield plan.date, arrays
 
 
@@ -548,7 +568,7 @@ def _not_sitting_rows(rng: np.random.Generator, profile: _Profile, start: int, l
 
 
 def _render_day(rng: np.random.Generator, profile: _Profile, bouts: _Bouts, overlays: _Overlays,
-                plan: _DayPlan, label_excluded: bool) -> dict[str, np.ndarray]:
+                plan: _DayPlan, label_excluded: bool, num_classes: int = 2) -> dict[str, np.ndarray]:
     """Materialise one day file's five arrays from the subject's timeline (vectorised)."""
     first = plan.first_window * SAMPLES_PER_WINDOW
     n = plan.num_windows * SAMPLES_PER_WINDOW
@@ -577,7 +597,8 @@ def _render_day(rng: np.random.Generator, profile: _Profile, bouts: _Bouts, over
     signal += rng.normal(size=signal.shape) * np.where(worn, profile.noise_g, 0.002)[:, None]
     keep = slice(_MARGIN, _MARGIN + n)
 
-    labels = np.where(behaviour == SIT, 0, 1).astype(np.int64)
+    # SIT, STAND, WALK are 0, 1, 2: three classes as they are, two as sitting / not-sitting
+    labels = (behaviour if num_classes == 3 else np.where(behaviour == SIT, 0, 1)).astype(np.int64)
     if label_excluded:
         labels[state == LIE] = 0  # activPAL logs lying as sedentary
     else:
@@ -588,7 +609,7 @@ def _render_day(rng: np.random.Generator, profile: _Profile, bouts: _Bouts, over
         "data": signal[keep].reshape(plan.num_windows, SAMPLES_PER_WINDOW, 3),
         "non_wear": _window_mode(state[keep] == TABLE, (0, 1)),
         "sleeping": _window_mode(state[keep] == LIE, (0, 1)),
-        "label": _window_mode(labels[keep], (-1, 0, 1)),
+        "label": _window_mode(labels[keep], tuple(range(-1, num_classes))),
     }
 
 

@@ -73,12 +73,21 @@ def model_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**PARAM_DEFAULTS, **params}
 
 
-def build_model(params: dict[str, Any], seed: int | None = None) -> Any:
+def build_model(params: dict[str, Any], seed: int | None = None, num_classes: int = 2) -> Any:
     from cerebro_tasks.deeppostures.model import build_cnn_bilstm, window_size_for
 
     p = model_params(params)
     return build_cnn_bilstm(window_size=window_size_for(p["window_minutes"]), amp_factor=float(p["amp_factor"]),
-                            l2=float(p["l2"]), learning_rate=float(p["learning_rate"]), seed=seed)
+                            l2=float(p["l2"]), learning_rate=float(p["learning_rate"]), seed=seed,
+                            num_classes=num_classes)
+
+
+def study_classes(prepared_url: str) -> dict[str, int]:
+    """The label map of the dataset a prepared split was made from (recorded at conversion)."""
+    from cerebro_tasks.deeppostures.convert import dataset_study
+    from cerebro_tasks.deeppostures.split import read_split
+
+    return dataset_study(read_split(prepared_url)["dataset_url"])["label_map"]
 
 
 def relative_cost(params: dict[str, Any]) -> float:
@@ -96,11 +105,18 @@ def custom_objects() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DeepPosturesWorkload:
-    """Reads `<prepared>/<kind>/part-<p>`; `class_weight` balances sitting vs not-sitting."""
+    """Reads `<prepared>/<kind>/part-<p>`; `class_weight` balances the classes (a class it does not
+    name, e.g. one absent from training, weighs 1). `num_classes`: the model's outputs; by default
+    the size of the study's label map, read once on the driver from the dataset's manifest."""
 
     prepared_url: str
     batch_size: int = 16
     class_weight: tuple[tuple[int, float], ...] = ((0, 1.0), (1, 1.0))
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes is None:  # frozen: set once, before the workload is shipped to workers
+            object.__setattr__(self, "num_classes", len(study_classes(self.prepared_url)))
 
     def load_partition(self, kind: str, partition: int) -> dict[str, Any]:
         from cerebro_tasks.deeppostures.petastorm_io import read_windows
@@ -110,7 +126,7 @@ class DeepPosturesWorkload:
         return {"table": table, "sequences": {}}
 
     def build_model(self, spec: ModelSpec) -> Any:
-        return build_model(spec.params, seed=spec.seed)
+        return build_model(spec.params, seed=spec.seed, num_classes=int(self.num_classes))
 
     def inputs(self, data: dict[str, Any], spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
         from cerebro_tasks.deeppostures.sequences import window_size_for
@@ -119,7 +135,8 @@ class DeepPosturesWorkload:
         t = window_size_for(p["window_minutes"])
         if t not in data["sequences"]:
             x, y = build_training_sequences(data["table"], t)
-            data["sequences"][t] = (x, y, sample_weights(y, dict(self.class_weight)))
+            weights = {**{c: 1.0 for c in range(int(self.num_classes))}, **dict(self.class_weight)}
+            data["sequences"][t] = (x, y, sample_weights(y, weights))
         x, y, w = data["sequences"][t]
         if training and len(y):
             # a fresh permuted copy per sub-epoch: cheap next to training on it

@@ -4,6 +4,11 @@ Each task loads the exported model once, reads its subjects' windows from the da
 rows: the dataset is ordered by subject), predicts in batches and writes, atomically,
 `<predictions>/<model_name>/<subject>.csv` and `<predictions>/<model_name>/parquet/subject=<id>/part-0.parquet`
 (a Hive-partitioned Parquet dataset, so a backfill that predicts new subjects just adds folders).
+
+An export made with `top_k` > 1 predicts by the majority vote of its models (its metadata's
+`ensemble`), each with its own BiLSTM window. Timestamps are printed in the study's time zone and
+classes named by its label map, both recorded in the dataset at conversion (the label map can be
+overridden, as DeepPostures' `--activpal-label-map` names the classes).
 """
 
 from __future__ import annotations
@@ -17,25 +22,38 @@ from typing import Any, Iterable, Iterator
 log = logging.getLogger("cerebro_tasks.predict")
 
 
-def _load_model(model_url: str) -> Any:
-    import keras
-
-    from cerebro_tasks.deeppostures.workload import custom_objects
+def member_files(model_url: str) -> list[str]:
+    """The model files of an export that vote, best first (just `model.keras` for one model)."""
     from cerebro_tasks.storage.store import Store
 
     folder = Store(model_url)
-    with folder.local_copy("model.keras") as path:
-        return keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
+    meta = folder.read_json("metadata.json") if folder.exists("metadata.json") else {}
+    return [m["file"] for m in meta.get("ensemble", {}).get("members", [])] or ["model.keras"]
+
+
+def _load_models(model_url: str) -> list[Any]:
+    import keras
+
+    from cerebro_tasks.storage.store import Store
+
+    folder = Store(model_url)
+    models = []
+    for name in member_files(model_url):
+        with folder.local_copy(*name.split("/")) as path:  # plain Keras: an export needs nothing of ours
+            models.append(keras.saving.load_model(path, compile=False))
+    return models
 
 
 def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: str, out_url: str, padding: str,
-                      include_label: bool, batch_size: int) -> Iterator[dict[str, Any]]:
+                      include_label: bool, batch_size: int, include_segment: bool = True,
+                      label_map: dict[str, int] | None = None, timezone: str = "UTC") -> Iterator[dict[str, Any]]:
     """Predict a group of subjects inside one Spark task; yields one summary row per subject."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cerebro_tasks.deeppostures.chap import csv_bytes, predict_subject
+    from cerebro_tasks.deeppostures.chap import csv_bytes, predict_subject_ensemble
+    from cerebro_tasks.deeppostures.classes import class_names
     from cerebro_tasks.deeppostures.petastorm_io import read_windows
     from cerebro_tasks.storage.store import Store
 
@@ -43,22 +61,22 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
     if not subjects:
         return
     _pin_devices()
-    model = _load_model(model_url)
-    window_size = int(model.input_shape[1])
-    predict_fn = fixed_batch(model.predict_on_batch, batch_size)
+    members = [(fixed_batch(m.predict_on_batch, batch_size), int(m.input_shape[1])) for m in _load_models(model_url)]
+    names = class_names(label_map)
     out = Store(out_url)
     for subject in subjects:
         started = time.time()
         table = read_windows(dataset_url, subjects=[subject])
-        df = predict_subject(table, predict_fn, window_size=window_size, padding=padding,
-                             include_label=include_label, batch_size=batch_size)
+        df = predict_subject_ensemble(table, members, padding=padding, include_label=include_label,
+                                      include_segment=include_segment, batch_size=batch_size, timezone=timezone,
+                                      label_map=names)
         out.write_bytes(csv_bytes(df), f"{subject}.csv")
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
         out.write_bytes(buf.getvalue(), "parquet", f"subject={subject}", "part-0.parquet")
-        sitting = int((df["prediction"] == "sitting").sum()) if len(df) else 0
+        per_class = {name: int((df["prediction"] == name).sum()) for i, name in names.items() if i >= 0}
         yield {"subject": subject, "windows": int(len(table["time"])), "predicted": int(len(df)),
-               "sitting": sitting, "seconds": round(time.time() - started, 3)}
+               "per_class": per_class, "seconds": round(time.time() - started, 3)}
 
 
 def _pin_devices() -> None:
@@ -94,6 +112,19 @@ def fixed_batch(predict_on_batch: Any, batch_size: int) -> Any:
     return predict
 
 
+def _check_classes(model_url: str, label_map: dict[str, int]) -> None:
+    """Fail before any Spark job when the label map does not name every output of the model."""
+    from cerebro_tasks.storage.store import Store
+
+    folder = Store(model_url)
+    if not folder.exists("metadata.json"):
+        return
+    outputs = folder.read_json("metadata.json").get("output_shape", [None])[-1]
+    if outputs is not None and int(outputs) != len(label_map):
+        raise ValueError(f"label map {label_map} names {len(label_map)} classes, the model in {model_url} "
+                         f"outputs {outputs}")
+
+
 def list_subjects(dataset_url: str) -> list[str]:
     """Subject ids present in the windows dataset (a Parquet read of one column)."""
     from cerebro_tasks.deeppostures.petastorm_io import read_windows
@@ -107,18 +138,26 @@ LEDGER = "_predicted_subjects.json"
 
 def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: str, model_name: str,
             subjects: list[str] | None = None, only_new: bool = False, padding: str = "drop",
-            include_label: bool = False, batch_size: int = 256) -> dict[str, Any]:
+            include_label: bool = False, batch_size: int = 256, include_segment: bool = True,
+            label_map: dict[str, int] | str | None = None) -> dict[str, Any]:
     """Write CHAP predictions for `subjects` (default: every subject in the dataset).
 
     With `only_new`, subjects already predicted by an earlier run (the ledger
     `<predictions>/_predicted_subjects.json`) are skipped: a scheduled or backfill run predicts
-    the subjects that arrived since, whichever DAG converted them.
+    the subjects that arrived since, whichever DAG converted them. `include_segment=False` leaves
+    the segment column out (DeepPostures' `--no-segment`); `label_map` names the classes (default:
+    the dataset's); it must have as many classes as the model has outputs.
     """
+    from cerebro_tasks.deeppostures.classes import check_label_map
+    from cerebro_tasks.deeppostures.convert import dataset_study
     from cerebro_tasks.deeppostures.sequences import PADDING_MODES
     from cerebro_tasks.storage.store import Store
 
     if padding not in PADDING_MODES:
         raise ValueError(f"padding: expected one of {PADDING_MODES}, got {padding!r}")
+    study = dataset_study(dataset_url)
+    label_map = check_label_map(study["label_map"] if label_map is None else label_map)
+    _check_classes(model_url, label_map)
     started = time.time()
     root = Store(predictions_url)
     ledger = root.read_json(LEDGER) if root.exists(LEDGER) else {"subjects": {}}
@@ -140,7 +179,9 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
         rows = (sc.parallelize(subjects, slices)
                 .mapPartitions(lambda it: predict_partition(it, dataset_url=dataset_url, model_url=model_url,
                                                             out_url=out_url, padding=padding,
-                                                            include_label=include_label, batch_size=batch_size))
+                                                            include_label=include_label, batch_size=batch_size,
+                                                            include_segment=include_segment, label_map=label_map,
+                                                            timezone=study["timezone"]))
                 .collect())
     seconds = time.time() - started
     predicted = sum(r["predicted"] for r in rows)
@@ -149,6 +190,8 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
         ledger["subjects"].update({r["subject"]: {"model": model_name, "at": stamp} for r in rows})
         root.write_json(ledger, LEDGER)
     summary = {"predictions_url": out_url, "model_name": model_name, "subjects": len(rows),
+               "models_voting": len(member_files(model_url)), "timezone": study["timezone"],
+               "classes": list(label_map),
                "skipped_already_predicted": len(skipped),
                "windows_predicted": predicted, "seconds": round(seconds, 2),
                "windows_per_second": round(predicted / seconds, 1) if seconds > 0 else None}
