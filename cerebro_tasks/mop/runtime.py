@@ -112,6 +112,7 @@ class MopDriver:
         self._records: list[dict[str, Any]] = []
         self._completed_models: set[str] = set()
         self._on_epoch: EpochCallback | None = None
+        self._stopped_now: list[str] = []  # stopped by the last epoch callback: complete them at once
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -162,6 +163,7 @@ class MopDriver:
         """Early-stop a model: its pending units are dropped, so its workers take other models' units
         at once; a unit of it already running finishes and is recorded (its checkpoint is kept)."""
         self.scheduler.stop_model(model_id)
+        self._stopped_now.append(model_id)
         log.info("model %s stopped early at step %d", model_id, self.scheduler.model_status(model_id).step)
 
     def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
@@ -342,6 +344,8 @@ class MopDriver:
                                 self.num_workers).get(unit.model_id, {})
             self._epoch_done(unit.model_id, unit.epoch, history)
         self._check_model(unit.model_id, on_model_done)
+        while self._stopped_now:  # other models a decision stopped: their workers are free now
+            self._check_model(self._stopped_now.pop(0), on_model_done)
 
     def _epoch_closed(self, status: Any, epoch: int) -> bool:
         """Whether ``epoch`` of the model has all its results in (its validation, or its training)."""

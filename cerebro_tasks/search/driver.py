@@ -146,13 +146,27 @@ class SearchDriver:
         series = history.get(key, []) if key else []
         value = float(series[epoch]) if len(series) > epoch and series[epoch] is not None else math.nan
         decision = self.rule.on_result(model_id, epoch, value)
-        record = {"model_id": model_id, "epoch": epoch, "value": value, **decision.to_dict()}
+        others = []
+        for other, reason in decision.others:  # models this result pushed out (ASHA revises provisional passes)
+            status = self.mop.scheduler.model_status(other)
+            if other not in self.stopped and status.state not in _TERMINAL:
+                others.append({"model_id": other, "epoch": max(status.validated_epochs, default=-1), "reason": reason})
+        record = {"model_id": model_id, "epoch": epoch, "value": value, "stop": decision.stop,
+                  "reason": decision.reason, "others": others}
         self.decisions[(model_id, epoch)] = record
-        if decision.stop:
-            self.stopped[model_id] = record
-            log.info("early stopping: %s stops after epoch %d: %s", model_id, epoch + 1, decision.reason)
+        self._note_stops(record)
         self._save_state()  # before the scheduler hears of it: a resumed run replays, never re-decides
+        for o in others:
+            self.mop.stop(o["model_id"])
         return decision.stop
+
+    def _note_stops(self, record: Mapping[str, Any]) -> None:
+        """Remember the models a decision stopped: where (after which epoch, 0-based) and why."""
+        stops = ([{"model_id": record["model_id"], "epoch": record["epoch"], "reason": record["reason"]}]
+                 if record["stop"] else []) + list(record.get("others", []))
+        for s in stops:
+            self.stopped[s["model_id"]] = {"epoch": int(s["epoch"]), "reason": s["reason"]}
+            log.info("early stopping: %s stops after epoch %d: %s", s["model_id"], int(s["epoch"]) + 1, s["reason"])
 
     def _model_done(self, model_id: str, history: dict[str, list[float]]) -> list[ModelSpec]:
         mop = self.mop
@@ -205,8 +219,7 @@ class SearchDriver:
         self.rule.load_state_dict(saved["rule"])
         for d in saved["decisions"]:
             self.decisions[(d["model_id"], int(d["epoch"]))] = d
-            if d["stop"]:
-                self.stopped[d["model_id"]] = d
+            self._note_stops(d)
         log.info("early stopping resumed: %d decisions on record, %d models stopped", len(self.decisions),
                  len(self.stopped))
 
@@ -249,7 +262,7 @@ class SearchDriver:
                 row["stopped_after_epoch"] = int(self.stopped[m]["epoch"]) + 1
                 row["stop_reason"] = self.stopped[m]["reason"]
             if m in failed:
-                row["error"] = _first_line(_model_error(result, m))
+                row["error"] = _first_line(_model_error(result if getattr(result, "errors", None) else self.mop, m))
                 row["error_details"] = f"{run.url_of(layout.JOURNAL_DIR)} and the driver log"
         figures = dict(result.figures)
         figures.update(tail_utilisation(result.records, W))
@@ -277,9 +290,9 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
-def _model_error(result: Any, model_id: str) -> str:
-    """The error a failed model reported (the engine's MopResult.errors), or where to look for it."""
-    errors = getattr(result, "errors", None) or {}
+def _model_error(source: Any, model_id: str) -> str:
+    """The error a failed model reported (``errors`` of the engine's result or driver), or where to look."""
+    errors = getattr(source, "errors", None) or {}
     return str(errors.get(model_id) or f"model {model_id} failed; see the driver log")
 
 

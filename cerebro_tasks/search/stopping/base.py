@@ -13,9 +13,11 @@ class Decision:
 
     stop: bool
     reason: str = ""
+    # other models this result pushed out, (model_id, reason): a rule may revise a model it let pass
+    others: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stop": self.stop, "reason": self.reason}
+        return {"stop": self.stop, "reason": self.reason, "others": [list(o) for o in self.others]}
 
 
 CONTINUE = Decision(False)
@@ -49,7 +51,7 @@ class StoppingRule:
             self._record(model_id, epoch, math.inf)
             return Decision(True, f"epoch {epoch + 1}: the metric is not a number (diverged)")
         decision = self._decide(model_id, epoch, loss)
-        return CONTINUE if last else decision
+        return Decision(False, "", decision.others) if last else decision
 
     def _decide(self, model_id: str, epoch: int, loss: float) -> Decision:
         raise NotImplementedError
@@ -70,6 +72,15 @@ class StoppingRule:
     def _shown(self, loss: float) -> str:
         """A loss back in the metric's own sign, for reasons people read."""
         return f"{loss if self.mode == 'min' else -loss:.4g}"
+
+
+def to_json_number(loss: float) -> float | None:
+    """A loss as strict JSON holds it: a diverged model's infinite loss as null."""
+    return loss if math.isfinite(loss) else None
+
+
+def from_json_number(value: float | None) -> float:
+    return math.inf if value is None else float(value)
 
 
 def quantile(values: list[float], q: float) -> float:

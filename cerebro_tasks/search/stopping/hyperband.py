@@ -48,10 +48,9 @@ class Hyperband(StoppingRule):
 
     def _decide(self, model_id: str, epoch: int, loss: float) -> Decision:
         b = self._bracket(model_id)
-        decision = self.brackets[b]._decide(model_id, epoch, loss)
-        if decision.stop:
-            return Decision(True, f"Hyperband bracket {b}, {decision.reason}")
-        return decision
+        d = self.brackets[b]._decide(model_id, epoch, loss)
+        head = f"Hyperband bracket {b}, "
+        return Decision(d.stop, head + d.reason if d.stop else "", tuple((m, head + r) for m, r in d.others))
 
     def state_dict(self) -> dict[str, Any]:
         return {"bracket_of": dict(self.bracket_of), "brackets": [a.state_dict() for a in self.brackets]}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from cerebro_tasks.search.stopping.base import CONTINUE, Decision, StoppingRule
+from cerebro_tasks.search.stopping.base import CONTINUE, Decision, StoppingRule, from_json_number, to_json_number
 
 
 class MedianStopping(StoppingRule):
@@ -50,7 +50,7 @@ class MedianStopping(StoppingRule):
                               f"{self._shown(median)} of {len(means)} models' running means")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": {m: list(v) for m, v in self._losses.items()}}
+        return {"losses": {m: [to_json_number(x) for x in v] for m, v in self._losses.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._losses = {m: [float(x) for x in v] for m, v in state["losses"].items()}
+        self._losses = {m: [from_json_number(x) for x in v] for m, v in state["losses"].items()}
