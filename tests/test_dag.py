@@ -60,6 +60,7 @@ def test_schedule_daily_or_on_new_data(dagbag):
 @pytest.mark.parametrize("name, value", [
     ("num_workers", 0), ("num_epochs", "ten"), ("search_kind", "bayes"), ("val_fraction", 1.5),
     ("metric", "loss"), ("padding", "reflect"), ("batch_size", -1), ("search_space", {}),
+    ("early_stopping", "asha"), ("mode", "up"), ("select", "best"),
 ])
 def test_bad_params_are_rejected_naming_the_parameter(dagbag, name, value):
     """What Airflow runs when a run is triggered with a conf (UI form, API, CLI)."""
