@@ -39,10 +39,10 @@ def search(run_url: str, *, kind: str = "grid", early_stopping: dict | None = No
     return driver, mop
 
 
-def run(driver: SearchDriver) -> tuple[object, object]:
+def run(driver: SearchDriver, plots: bool = False) -> tuple[object, object]:
     driver.start()
     result = driver.run()
-    return result, driver.finish(result, search="grid", run_id="r", wall_s=1.0, seed=3)
+    return result, driver.finish(result, search="grid", run_id="r", wall_s=1.0, seed=3, plots=plots)
 
 
 def unit_count(result) -> int:
@@ -52,7 +52,7 @@ def unit_count(result) -> int:
 def test_asha_stops_most_of_a_grid_and_keeps_its_best(tmp_path):
     full, full_outcome = run(search(str(tmp_path / "full"))[0])
     driver, _ = search(str(tmp_path / "asha"), early_stopping={"kind": "asha", "reduction_factor": 3})
-    result, outcome = run(driver)
+    result, outcome = run(driver, plots=True)
     assert full_outcome.best_model_id == outcome.best_model_id == "m000"
     assert unit_count(full) == 9 * EPOCHS * 2 * W
     assert unit_count(result) < unit_count(full) / 2.5
@@ -130,7 +130,7 @@ def test_failed_models_are_reported_never_selected_and_reach_tpe_as_failures(tmp
     driver.start()
     bad["q"] = driver.searcher.proposed[0]["q"]
     result = driver.run()
-    outcome = driver.finish(result, search="tpe", run_id="r", wall_s=1.0, seed=3)
+    outcome = driver.finish(result, search="tpe", run_id="r", wall_s=1.0, seed=3, plots=False)
     failed = result.failed_models
     assert failed and all(result.specs[m].params["q"] == bad["q"] for m in failed)
     assert outcome.best_model_id not in failed and outcome.best_value > 0

@@ -225,8 +225,9 @@ class SearchDriver:
 
     # the finish ----------------------------------------------------------------------------------------
     def finish(self, result: Any, *, search: str, run_id: str, wall_s: float, seed: int,
-               extra: Mapping[str, Any] | None = None) -> SearchOutcome:
-        """Choose the best model and epoch; write summary.json/md, learning_curves.png, timeline.png."""
+               extra: Mapping[str, Any] | None = None, plots: bool = True) -> SearchOutcome:
+        """Choose the best model and epoch; write summary.json/md and (``plots``) learning_curves.png and
+        timeline.png (drawing them costs seconds of matplotlib)."""
         from cerebro_tasks.mop.timeline import plot_timeline
         from cerebro_tasks.search.report import (plot_learning_curves, publish_png, summary_markdown, summary_rows,
                                                  tail_utilisation)
@@ -276,9 +277,10 @@ class SearchDriver:
         run.write_json(summary, layout.SUMMARY_JSON)
         run.write_bytes(summary_markdown(summary).encode(), layout.SUMMARY_MD)
         stops = {m: int(d["epoch"]) for m, d in self.stopped.items()}
-        publish_png(run, layout.LEARNING_CURVES_PNG,
-                    lambda p: plot_learning_curves(histories, p, title=f"{search} search {run_id}", stopped=stops))
-        if result.records:
+        if plots:
+            publish_png(run, layout.LEARNING_CURVES_PNG,
+                        lambda p: plot_learning_curves(histories, p, title=f"{search} search {run_id}", stopped=stops))
+        if plots and result.records:
             publish_png(run, layout.TIMELINE_PNG,
                         lambda p: plot_timeline(result.records, p, title=f"MOP timeline {run_id}"))
         return SearchOutcome(best_model_id=best, best_epoch=best_epoch, best_value=best_value,

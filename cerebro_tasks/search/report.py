@@ -83,12 +83,14 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"- {summary['num_models']} models x {summary['num_epochs']} epochs on {summary['num_workers']} workers, "
              f"wall {summary['wall_s']:.1f} s",
              f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
-             f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s",
+             f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s; "
+             f"tail utilisation {fig.get('tail_utilisation', float('nan')):.1%} over the last {fig.get('tail_s', float('nan')):.1f} s "
+             "(fewer models left than workers)",
              *([f"- selected by {summary.get('select', 'last_epoch')}: epoch {summary.get('best_epoch')} of "
                 f"{summary['best_model_id']}"] if summary.get("select") == "best_epoch" else []),
              *([f"- early stopping {summary['early_stopping']}: {len(summary.get('stopped_models', []))} models "
-                f"stopped; tail utilisation {fig.get('tail_utilisation', float('nan')):.1%} over the last "
-                f"{fig.get('tail_s', float('nan')):.1f} s"] if summary.get("early_stopping") else []),
+                f"stopped, {fig.get('unit_seconds', float('nan')):.1f} unit-seconds of compute in all"]
+               if summary.get("early_stopping") else []),
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ended = (f"failed: {r['error']}" if "error" in r else
