@@ -89,6 +89,7 @@ def main() -> None:
         if args.only in (None, "grid"):
             figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": GRID, **common},
                                           {"kind": "asha", "reduction_factor": 3, "min_epochs": 1})
+            write_results("early_stopping", figures)  # a pair at a time: an interrupted bench keeps the first
         if args.only in (None, "random"):
             figures["random_hyperband"] = pair(
                 spark, prepared, f"{d}/store", f"random{args.random_models}",

@@ -220,6 +220,7 @@ class MopDriver:
                     status = self.scheduler.model_status(model_id)
                     if status.state == "running" and self._epoch_closed(status, epoch):
                         self._epoch_done(model_id, epoch, hist.get(model_id, {}))
+            self._stopped_now.clear()  # the loop below completes every terminal model
         for model_id in list(self.specs):
             if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
                 self._model_complete(model_id, hist.get(model_id, {}), on_model_done)
