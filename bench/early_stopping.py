@@ -11,7 +11,7 @@ wall time, the best validation loss reached, the best configuration, and whether
 search's best configuration survived early stopping (was never stopped). Writes
 bench/results/early_stopping.json.
 
-    python bench/early_stopping.py [--epochs 9] [--subjects 4] [--days 2] [--windows-per-day 360]
+    python bench/early_stopping.py [--epochs 9] [--subjects 8] [--days 1] [--windows-per-day 360]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def pair(spark: Any, prepared: str, store: str, name: str, search: dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=9)
-    parser.add_argument("--subjects", type=int, default=4)
-    parser.add_argument("--days", type=int, default=2)
+    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--days", type=int, default=1)
     parser.add_argument("--windows-per-day", type=int, default=360)
     parser.add_argument("--random-models", type=int, default=27)
     parser.add_argument("--only", choices=["grid", "random"], default=None)
@@ -84,7 +84,7 @@ def main() -> None:
         dataset = converted_study(d, subjects=args.subjects, days=args.days, windows_per_day=args.windows_per_day,
                                   spark=spark)
         prepared = f"{d}/prepared"
-        write_split(dataset, prepared, workers=WORKERS, seed=2019, val_fraction=0.5, spark=spark)
+        write_split(dataset, prepared, workers=WORKERS, seed=2019, val_fraction=0.3, spark=spark)
         common = {"num_epochs": args.epochs, "seed": 2019, "metric": "val_loss"}
         if args.only in (None, "grid"):
             figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": GRID, **common},
