@@ -70,6 +70,11 @@ def test_asha_stops_most_of_a_grid_and_keeps_its_best(tmp_path):
     assert "stopped after epoch" in summary_md and "tail utilisation" in summary_md
     assert 0 < outcome.summary["figures"]["tail_utilisation"] <= 1
     assert Store(str(tmp_path / "asha")).exists(layout.LEARNING_CURVES_PNG)
+    from tensorboard.backend.event_processing import event_accumulator  # the Text tab says why
+
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "asha" / "tb" / stopped[0]))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("early_stopping")] == [rows[stopped[0]]["stopped_after_epoch"]]
 
 
 def test_same_seed_same_decisions_and_schedule(tmp_path):

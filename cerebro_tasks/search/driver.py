@@ -194,11 +194,15 @@ class SearchDriver:
         from cerebro_tasks.search.tensorboard import write_tensorboard
 
         params = dict(spec.params)
-        if self.rule is not None:  # one HParams column saying where each model ended
+        notes = {}
+        if self.rule is not None:  # HParams columns saying where each model ended; the Text tab says why
             params["epochs_trained"] = len(history.get(key, [])) if key else 0
             params["stopped_early"] = model_id in self.stopped
+            if model_id in self.stopped:
+                stop = self.stopped[model_id]
+                notes["early_stopping"] = (stop["epoch"] + 1, f"stopped after epoch {stop['epoch'] + 1}: {stop['reason']}")
         try:
-            write_tensorboard(self.run_store.url, model_id, params, history, key)
+            write_tensorboard(self.run_store.url, model_id, params, history, key, notes=notes)
         except Exception:  # logs are worth a warning, never the search
             log.exception("could not write the TensorBoard logs of %s", model_id)
 
