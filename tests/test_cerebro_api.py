@@ -175,7 +175,7 @@ def test_initial_weights_and_draws_follow_the_seed(tmp_path):
         search = RandomSearch(_Backend(), LocalStore(str(tmp_path / folder)), estimator_gen_fn, space, num_models=3,
                               num_epochs=1, seed=seed)
         search._run_store = search.store.run_store("r")
-        search._new_model(search.estimator_param_maps[0])
+        search._new_model(0, search.estimator_param_maps[0])
         model = keras.saving.load_model(str(tmp_path / folder / "runs/r/models/model_000/init.keras"))
         return search.estimator_param_maps, model.get_weights()
 
