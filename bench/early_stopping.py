@@ -75,7 +75,13 @@ def main() -> None:
     parser.add_argument("--windows-per-day", type=int, default=360)
     parser.add_argument("--random-models", type=int, default=27)
     parser.add_argument("--only", choices=["grid", "random"], default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of the script: a grid of 2 and a random search of 3, 2 epochs (no figures)")
     args = parser.parse_args()
+    grid_space = GRID
+    if args.quick:
+        grid_space = {**GRID, "learning_rate": [3e-3, 1e-4], "l2": [1e-5], "amp_factor": [0.25]}
+        args.epochs, args.random_models = 2, 3
 
     spark = get_spark("bench-early-stopping", master=f"local[{WORKERS}]")
     figures: dict[str, Any] = {"workers": WORKERS, "epochs": args.epochs, "subjects": args.subjects,
@@ -87,16 +93,16 @@ def main() -> None:
         write_split(dataset, prepared, workers=WORKERS, seed=2019, val_fraction=0.3, spark=spark)
         common = {"num_epochs": args.epochs, "seed": 2019, "metric": "val_loss"}
         if args.only in (None, "grid"):
-            figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": GRID, **common},
+            figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": grid_space, **common},
                                           {"kind": "asha", "reduction_factor": 3, "min_epochs": 1})
-            write_results("early_stopping", figures)  # a pair at a time: an interrupted bench keeps the first
+            write_results("early_stopping_quick" if args.quick else "early_stopping", figures)  # keep a finished pair
         if args.only in (None, "random"):
             figures["random_hyperband"] = pair(
                 spark, prepared, f"{d}/store", f"random{args.random_models}",
                 {"space": RANDOM, "kind": "random", "num_models": args.random_models, **common},
                 {"kind": "hyperband", "reduction_factor": 3, "min_epochs": 1})
     spark.stop()
-    path = write_results("early_stopping", figures)
+    path = write_results("early_stopping_quick" if args.quick else "early_stopping", figures)
     for key in ("grid16_asha", "random_hyperband"):
         if key not in figures:
             continue

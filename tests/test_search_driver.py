@@ -175,3 +175,14 @@ def test_the_direction_of_an_unknown_metric_must_be_given(tmp_path):
         SearchDriver(mop, searcher, new_model=new_model, num_epochs=2, metric_keys=["val_weirdness"], mode=None)
     assert SearchDriver(mop, searcher, new_model=new_model, num_epochs=2, metric_keys=["val_weirdness"],
                         mode="max").mode == "max"
+
+
+def test_when_every_model_fails_the_error_says_why(tmp_path):
+    from cerebro_tasks.search.driver import SearchError
+
+    driver, _ = search(str(tmp_path), fail=lambda params, unit: True)
+    driver.start()
+    result = driver.run()
+    assert len(result.failed_models) == 9
+    with pytest.raises(SearchError, match="every model failed .9 of 9 failed: FloatingPointError"):
+        driver.finish(result, search="grid", run_id="r", wall_s=1.0, seed=3, plots=False)

@@ -38,7 +38,11 @@ from cerebro_tasks.storage.store import Store
 
 log = logging.getLogger("cerebro_tasks.search")
 
-__all__ = ["SearchDriver", "SearchOutcome", "check_same_run"]
+__all__ = ["SearchDriver", "SearchOutcome", "SearchError", "check_same_run"]
+
+
+class SearchError(RuntimeError):
+    """The search ran but has nothing to choose from (every model failed or reached no value)."""
 
 _TERMINAL = ("done", "stopped", "failed")
 
@@ -241,18 +245,22 @@ class SearchDriver:
         histories = result.histories
         for model_id in result.specs:
             histories.setdefault(model_id, {})
+        failed = list(result.failed_models)
+        if failed and len(failed) == len(histories):
+            raise SearchError(f"every model failed ({len(failed)} of {len(histories)} failed: "
+                              f"{'; '.join(_first_line(self._error(result, m)) for m in failed[:3])}); the journal in "
+                              f"{run.url} and the driver log say more")
         key = self.metric
         if key is None or not any(key in h for h in histories.values()):
             seen = sorted({k for h in histories.values() for k in h})
             raise ValueError(f"metric {' or '.join(self.metric_keys)}: no model recorded it; metrics recorded: {seen} "
                              "(compile the model with this metric, or pick one of these)")
-        failed = list(result.failed_models)
         usable = {m: h for m, h in histories.items() if m not in failed}
         chosen = {m: epoch_value(h, key, self.mode, self.select) for m, h in usable.items()}
         scored = [(m, e, v) for m, (e, v) in chosen.items() if not math.isnan(v)]
         if not scored:
-            raise ConfigError(f"no model reached a value of {key} ({len(failed)} of {len(histories)} failed: "
-                              f"{', '.join(_first_line(_model_error(result, m)) for m in failed[:3])}); the journal "
+            raise SearchError(f"no model reached a value of {key} ({len(failed)} of {len(histories)} failed: "
+                              f"{'; '.join(_first_line(self._error(result, m)) for m in failed[:3])}); the journal "
                               f"in {run.url} and the driver log say why")
         sign = -1.0 if self.mode == "max" else 1.0
         best, best_epoch, best_value = min(scored, key=lambda mev: sign * mev[2])  # ties: the first model
@@ -267,7 +275,7 @@ class SearchDriver:
                 row["stopped_after_epoch"] = int(self.stopped[m]["epoch"]) + 1
                 row["stop_reason"] = self.stopped[m]["reason"]
             if m in failed:
-                row["error"] = _first_line(_model_error(result if getattr(result, "errors", None) else self.mop, m))
+                row["error"] = _first_line(self._error(result, m))
                 row["error_details"] = f"{run.url_of(layout.JOURNAL_DIR)} and the driver log"
         figures = dict(result.figures)
         figures.update(tail_utilisation(result.records, W))
@@ -290,6 +298,10 @@ class SearchDriver:
         return SearchOutcome(best_model_id=best, best_epoch=best_epoch, best_value=best_value,
                              best_step=(best_epoch + 1) * W, metric=key, select=self.select, summary=summary,
                              selected_epochs={m: e for m, e, _ in scored})
+
+
+    def _error(self, result: Any, model_id: str) -> str:
+        return _model_error(result if getattr(result, "errors", None) else self.mop, model_id)
 
 
 def _better(a: float, b: float, mode: str) -> bool:
