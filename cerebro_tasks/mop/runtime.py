@@ -113,6 +113,8 @@ class MopDriver:
         self._completed_models: set[str] = set()
         self._on_epoch: EpochCallback | None = None
         self._stopped_now: list[str] = []  # stopped by the last epoch callback: complete them at once
+        # epochs whose training waits for the previous epoch's validation (early stopping decides there)
+        self.epoch_gates: tuple[int, ...] = ()
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -123,7 +125,7 @@ class MopDriver:
         if not spec.cost > 0:
             raise MopError(f"model {spec.model_id!r}: cost must be > 0, got {spec.cost!r}")
         self.specs[spec.model_id] = spec
-        self.scheduler.add_model(spec.model_id, spec.num_epochs)
+        self.scheduler.add_model(spec.model_id, spec.num_epochs, gates=self.epoch_gates)
         self._save_run_spec()
 
     def _save_run_spec(self) -> None:

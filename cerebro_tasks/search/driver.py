@@ -97,6 +97,8 @@ class SearchDriver:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         W = mop.num_workers
+        if self.rule is not None:  # a model waits at each decision epoch for its validation
+            mop.epoch_gates = self.rule.decision_epochs()
         # with early stopping a limited search keeps at least W models in flight while configurations remain
         self.parallelism = max(parallelism, W) if self.rule is not None and parallelism is not None else parallelism
         self._on_model_done = on_model_done

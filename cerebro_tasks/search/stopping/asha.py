@@ -72,6 +72,9 @@ class ASHA(StoppingRule):
         self._provisional[t].append(model_id)
         return Decision(False, "", others)
 
+    def decision_epochs(self) -> tuple[int, ...]:
+        return tuple(self.rungs)
+
     def _why(self, t: int, loss: float, cutoff: float, n: int) -> str:
         return (f"ASHA rung {t} epochs: {self._shown(loss)} is outside the best 1/{self.reduction_factor} of the "
                 f"{n} models there (cutoff {self._shown(cutoff)})")

@@ -60,6 +60,12 @@ class StoppingRule:
         """Keep a value without deciding (a diverged model still counts at its rung)."""
         self._decide(model_id, epoch, loss)
 
+    def decision_epochs(self) -> tuple[int, ...]:
+        """Trained-epoch counts after which this rule may stop a model: training of the next epoch
+        waits there for the validation (``HopScheduler.add_model(gates=...)``), so a stop comes
+        before more is spent on the model. Default: every epoch but the last."""
+        return tuple(range(1, self.max_epochs))
+
     def args(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.ARGS}
 

@@ -37,6 +37,9 @@ class Hyperband(StoppingRule):
                         for b in range(s_max + 1)]
         self.bracket_of: dict[str, int] = {}
 
+    def decision_epochs(self) -> tuple[int, ...]:
+        return tuple(sorted({t for a in self.brackets for t in a.rungs}))
+
     def _bracket(self, model_id: str) -> int:
         if model_id not in self.bracket_of:
             counts = [0] * len(self.brackets)

@@ -49,6 +49,9 @@ class MedianStopping(StoppingRule):
         return Decision(True, f"median rule at {t} epochs: best so far {self._shown(best)} is worse than the median "
                               f"{self._shown(median)} of {len(means)} models' running means")
 
+    def decision_epochs(self) -> tuple[int, ...]:
+        return tuple(range(self.min_epochs, self.max_epochs))
+
     def state_dict(self) -> dict[str, Any]:
         return {"losses": {m: [to_json_number(x) for x in v] for m, v in self._losses.items()}}
 
