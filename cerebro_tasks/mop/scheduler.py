@@ -58,6 +58,10 @@ units of a free worker, the one it holds goes first. Affinity only changes *wher
 *whether* a model runs, so it costs no priority. ``affinity_hits`` counts dispatches that can
 skip the load; the runtime applies the same rule (same model and same step as its last unit).
 
+Gates (``add_model(gates=...)``): at the epochs an early-stopping rule decides, a model's next
+epoch starts only once the previous one is validated, so a stop costs no further training;
+meanwhile its partitions serve other models' units (work-conserving among what may run).
+
 Failures: ``worker_left`` puts the running unit back without charging a retry (losing a worker
 is not the unit's fault). ``unit_failed`` charges one retry to that unit; after
 ``max_unit_retries`` retries the *model* is marked ``"failed"`` (its pending units are dropped
