@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--random-models", type=int, default=27)
     parser.add_argument("--only", choices=["grid", "random"], default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of the script: a grid of 2 and a random search of 3, 2 epochs (no figures)")
+                        help="a smoke run of the script: a grid of 2 and a random search of 3, 2 epochs (prints, writes nothing)")
     args = parser.parse_args()
     grid_space = GRID
     if args.quick:
@@ -95,14 +95,15 @@ def main() -> None:
         if args.only in (None, "grid"):
             figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": grid_space, **common},
                                           {"kind": "asha", "reduction_factor": 3, "min_epochs": 1})
-            write_results("early_stopping_quick" if args.quick else "early_stopping", figures)  # keep a finished pair
+            if not args.quick:
+                write_results("early_stopping", figures)  # a pair at a time: an interrupted bench keeps the first
         if args.only in (None, "random"):
             figures["random_hyperband"] = pair(
                 spark, prepared, f"{d}/store", f"random{args.random_models}",
                 {"space": RANDOM, "kind": "random", "num_models": args.random_models, **common},
                 {"kind": "hyperband", "reduction_factor": 3, "min_epochs": 1})
     spark.stop()
-    path = write_results("early_stopping_quick" if args.quick else "early_stopping", figures)
+    path = "not written (--quick)" if args.quick else write_results("early_stopping", figures)
     for key in ("grid16_asha", "random_hyperband"):
         if key not in figures:
             continue
