@@ -68,6 +68,18 @@ def cmd_train(args: argparse.Namespace) -> Any:
     from cerebro_tasks.jobs.train import load_config, train
 
     config = load_config(args.config)
+    if args.early_stopping is not None or args.select is not None:  # the file's search, with these settings
+        import dataclasses
+        import json
+
+        from cerebro_tasks.config import TrainConfig
+
+        d = dataclasses.asdict(config)
+        if args.early_stopping is not None:
+            d["search"]["early_stopping"] = None if args.early_stopping == "none" else json.loads(args.early_stopping)
+        if args.select is not None:
+            d["search"]["select"] = args.select
+        config = TrainConfig.from_dict(d)
     check_search(config.search.space, config.search.metric)  # before paying for a Spark session
     return train(config, _spark(args, f"cerebro-mop-{config.run_id}", workers=config.num_workers))
 
@@ -128,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "model selection with MOP (resumes a run with the same run id)")
     p.add_argument("--config", required=True, help="run configuration: JSON text or a path to a JSON file")
+    p.add_argument("--early-stopping", default=None, metavar="JSON",
+                   help='overrides search.early_stopping, e.g. \'{"kind": "asha", "reduction_factor": 3}\' or none')
+    p.add_argument("--select", default=None, choices=["last_epoch", "best_epoch"],
+                   help="overrides search.select: the checkpoint exported is the last or the best epoch's")
 
     p = add("export", cmd_export, "export a run's best model (.keras, SavedModel, metadata)", spark=False)
     p.add_argument("--run", required=True, help="run URL: <store>/runs/<run_id>")

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cerebro_tasks.errors import ConfigError
+from cerebro_tasks.search.selection import MODES, SELECTS, metric_mode
 from cerebro_tasks.search.space import grid, parse_space
+from cerebro_tasks.search.stopping import check_early_stopping
 
 SEARCH_KINDS = ("grid", "random", "tpe")
 # what plugins/cerebro_operators.safe_run_id produces; no ':' (HDFS rejects it in path names)
@@ -27,7 +29,12 @@ class SearchConfig:
     num_epochs: int = 10
     seed: int = 2019
     metric: str = "val_loss"
-    parallelism: int | None = None  # tpe: configurations proposed at a time (default: workers)
+    # models in flight (default: grid and random all at once, tpe the number of workers)
+    parallelism: int | None = None
+    mode: str | None = None  # "min" | "max"; None: from the metric's Keras name (search/selection.py)
+    select: str = "last_epoch"  # or "best_epoch": the best epoch's checkpoint is exported
+    # e.g. {"kind": "asha", "reduction_factor": 3, "min_epochs": 1} (search/stopping/)
+    early_stopping: dict[str, Any] | None = None
 
     def validate(self) -> None:
         _check(self.kind in SEARCH_KINDS, "search.kind", f"one of {SEARCH_KINDS}", self.kind)
@@ -50,6 +57,21 @@ class SearchConfig:
                 raise ConfigError(f"search.space: {e}") from None
         _check(isinstance(self.metric, str) and self.metric.startswith(("val_", "train_")), "search.metric",
                "a history key such as val_loss or val_balanced_accuracy", self.metric)
+        _check(self.mode is None or self.mode in MODES, "search.mode", f"null or one of {MODES}", self.mode)
+        try:
+            metric_mode(self.metric, self.mode)
+        except ValueError as e:
+            raise ConfigError(f"search.metric: {e} (search.mode)") from None
+        _check(self.select in SELECTS, "search.select", f"one of {SELECTS}", self.select)
+        try:
+            check_early_stopping(self.early_stopping, self.num_epochs)
+        except ValueError as e:
+            raise ConfigError(f"search.early_stopping: {e}") from None
+
+    @property
+    def direction(self) -> str:
+        """'min' or 'max': ``mode``, or the direction of the metric's Keras name."""
+        return metric_mode(self.metric, self.mode)
 
 
 @dataclass

@@ -44,7 +44,7 @@ PARAMS = {
     "num_epochs": Param(PUBLISHED_EPOCHS, type="integer", minimum=1, maximum=1000),
     "num_workers": Param(2, type="integer", minimum=1, maximum=1024, description="MOP workers = data partitions"),
     "batch_size": Param(PUBLISHED_BATCH_SIZE, type="integer", minimum=1, maximum=65536, description="sequences per batch"),
-    "metric": Param("val_loss", type="string", pattern="^(val|train)_[A-Za-z0-9_]+$", description="selection metric; direction follows the name"),
+    "metric": Param("val_loss", type="string", pattern="^(val|train)_[A-Za-z0-9_]+$", description="selection metric; its direction is the mode Param, or follows its Keras name"),
     "seed": Param(2019, type="integer", description="seeds the search, model initialisation and shuffles"),
     "split_seed": Param(2019, type="integer", description="seeds the subject split (stable as subjects arrive)"),
     "val_fraction": Param(0.3, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
@@ -57,6 +57,10 @@ PARAMS = {
     "output_label": Param(False, type="boolean", description="predictions: add the label column"),
     "no_segment": Param(False, type="boolean", description="predictions: leave the segment column out"),
     "ensemble_k": Param(1, type="integer", minimum=1, maximum=99, **{"not": {"multipleOf": 2}}, description="export the k best models (odd) and predict by their majority vote per window, like CHAP"),
+    # early stopping, the metric's direction and which epoch is exported (search/stopping/, search/selection.py)
+    "early_stopping": Param(None, type=["null", "object"], description="null, or e.g. {\"kind\": \"asha\", \"reduction_factor\": 3, \"min_epochs\": 1}; kinds: asha, hyperband, median"),
+    "mode": Param(None, type=["null", "string"], enum=[None, "min", "max"], description="direction of the metric; null: from its Keras name"),
+    "select": Param("last_epoch", enum=["last_epoch", "best_epoch"], description="export the last epoch's checkpoint or the best epoch's"),
 }
 
 with DAG(
@@ -91,7 +95,8 @@ with DAG(
             "num_workers": p["num_workers"],
             "batch_size": p["batch_size"],
             "search": {"space": p["search_space"], "kind": p["search_kind"], "num_models": p["num_models"],
-                       "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"]},
+                       "num_epochs": p["num_epochs"], "seed": p["seed"], "metric": p["metric"],
+                       "early_stopping": p.get("early_stopping"), "mode": p.get("mode"), "select": p.get("select", "last_epoch")},
         })
         check_search(config.search.space, config.search.metric)  # hyperparameters the model knows
         if p.get("timezone"):

@@ -86,7 +86,8 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
 
 # the training step's result.json holds full histories; XCom gets what the next tasks need
 TRAIN_XCOM = ("run_id", "run_url", "metric", "best_model_id", "best_params", "best_value", "best_checkpoint",
-              "models", "failed_models", "seconds", "utilisation", "hop_overhead")
+              "models", "failed_models", "seconds", "utilisation", "hop_overhead", "select", "best_epoch",
+              "stopped_models")
 
 
 class MOPTrainingOperator(CerebroSparkSubmitOperator):

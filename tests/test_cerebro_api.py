@@ -175,7 +175,7 @@ def test_initial_weights_and_draws_follow_the_seed(tmp_path):
         search = RandomSearch(_Backend(), LocalStore(str(tmp_path / folder)), estimator_gen_fn, space, num_models=3,
                               num_epochs=1, seed=seed)
         search._run_store = search.store.run_store("r")
-        search._new_model(search.estimator_param_maps[0])
+        search._new_model(0, search.estimator_param_maps[0])
         model = keras.saving.load_model(str(tmp_path / folder / "runs/r/models/model_000/init.keras"))
         return search.estimator_param_maps, model.get_weights()
 
@@ -330,6 +330,54 @@ def test_random_search_on_prepared_data_transformation_fn_and_resume(grid, works
     assert again.mop_result.units_run == 0 and len(open(UNIT_LOG[0]).read().splitlines()) == 4
     assert again.get_all_model_history() == first.get_all_model_history()
     assert again.best_model_id == first.best_model_id
+
+
+@pytest.mark.slow
+def test_tpe_with_asha_and_best_epoch_on_spark(grid, workspace):
+    """Early stopping end to end on local Spark: a stopped model leaves the schedule, the summary, curves
+    and TensorBoard say where and why, the best epoch's checkpoint is the model; a resumed run keeps it."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from cerebro_tasks import TPESearch
+    from cerebro_tasks.errors import ConfigError
+
+    _, backend, store = workspace
+    space = {"lr": hp_loguniform(-4, -1), "units": hp_quniform(4, 12, 4)}
+    stopping = {"kind": "asha", "reduction_factor": 2, "min_epochs": 1}
+
+    def search(**kw):
+        return TPESearch(backend, store, estimator_gen_fn, space, num_models=4, num_epochs=3, seed=11,
+                         evaluation_metric="loss", run_id="tpe-asha", select="best_epoch", **kw)
+
+    result = search(early_stopping=stopping).fit_on_prepared_data()
+    summary = result.summary
+    assert summary["early_stopping"] == stopping and summary["select"] == "best_epoch"
+    stopped = summary["stopped_models"]
+    assert stopped and result.best_model_id not in stopped
+    histories = result.get_all_model_history()
+    trained = {m: len(h["val_loss"]) for m, h in histories.items()}
+    assert all(trained[m] < 3 for m in stopped) and trained[result.best_model_id] == 3
+    units = {m: sum(1 for r in result.mop_result.records if r["unit"]["model_id"] == m) for m in histories}
+    assert all(units[m] < units[result.best_model_id] for m in stopped)  # they left the schedule
+    best_epoch = summary["best_epoch"]
+    assert result.get_best_model().checkpoint_url().endswith(f"/ckpt-{best_epoch * 2:05d}.keras")  # W = 2
+    assert min(histories[result.best_model_id]["val_loss"]) == pytest.approx(summary["best_value"])
+    rows = {r["model_id"]: r for r in summary["models"]}
+    assert all(rows[m]["stop_reason"].startswith("ASHA rung") for m in stopped)
+    md = open(os.path.join(result.run_url, "summary.md")).read()
+    assert "stopped after epoch" in md and "tail utilisation" in md
+    acc = event_accumulator.EventAccumulator(os.path.join(result.run_url, "tb", stopped[0]))
+    acc.Reload()
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    content = acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[hparams_metadata.SESSION_START_INFO_TAG]
+    start = hparams_metadata.parse_session_start_info_plugin_data(content)
+    assert start.hparams["stopped_early"].bool_value and start.hparams["epochs_trained"].number_value < 3
+    # the same run id: the same settings resume (nothing retrained), other ones are refused before Spark runs
+    again = search(early_stopping=stopping).fit_on_prepared_data()
+    assert again.mop_result.units_run == 0 and again.best_model_id == result.best_model_id
+    with pytest.raises(ConfigError, match="early_stopping"):
+        search(early_stopping={"kind": "median"}).fit_on_prepared_data()
 
 
 @pytest.mark.slow

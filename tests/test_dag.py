@@ -61,6 +61,7 @@ def test_schedule_daily_or_on_new_data(dagbag):
     ("num_workers", 0), ("num_epochs", "ten"), ("search_kind", "bayes"), ("val_fraction", 1.5),
     ("metric", "loss"), ("padding", "reflect"), ("batch_size", -1), ("search_space", {}),
     ("ensemble_k", 2), ("label_map", {"sitting": 0}), ("label_map", {"a": 0, "b": "one"}),
+    ("early_stopping", "asha"), ("mode", "up"), ("select", "best"),
 ])
 def test_bad_params_are_rejected_naming_the_parameter(dagbag, name, value):
     """What Airflow runs when a run is triggered with a conf (UI form, API, CLI)."""

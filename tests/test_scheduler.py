@@ -611,3 +611,28 @@ def test_fuzz_faults_stops_and_additions(seed: int, policy: str) -> None:
     prog = sim.s.progress()
     assert prog["units_done"] == prog["units_total"]
     assert prog["models_done"] == prog["models_total"] == len(sim.epochs)
+
+
+def test_a_gated_epoch_waits_for_the_previous_validation_while_others_train():
+    """Early stopping's decision epochs: the model's next epoch starts only once the last is validated."""
+
+    def run(gates):
+        s = HopScheduler(2, seed=0)
+        s.add_model("g", 3, gates=gates)
+        s.add_model("o", 3)
+        s.worker_joined("w0", 0)
+        s.worker_joined("w1", 1)
+        trace, running = [], []
+        while not s.done:
+            running += s.assign()
+            w, u = running.pop(0)  # one at a time, oldest first
+            trace.append((u.model_id, u.epoch, u.kind))
+            s.unit_finished(w, u, duration=1.0)
+        return trace, s
+
+    free, _ = run(())
+    assert free.index(("g", 1, "train")) < free.index(("g", 0, "val"))  # without a gate validation lags
+    gated, s = run((1,))
+    assert gated.index(("g", 0, "val")) < gated.index(("g", 1, "train"))
+    assert gated.index(("o", 1, "train")) < gated.index(("g", 1, "train"))  # meanwhile the other model trained
+    assert HopScheduler.from_state_dict(s.state_dict()).state_dict() == s.state_dict()  # gates round-trip

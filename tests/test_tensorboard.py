@@ -69,3 +69,17 @@ def test_missing_selection_metric_warns(tmp_path, caplog):
     with pytest.raises(ValueError, match="model_id"):
         write_tensorboard(str(tmp_path), "a/b", {}, {})
     assert math.isnan(HISTORY["val_acc"][-1])  # the fixture was not modified
+
+
+def test_notes_are_text_at_their_epoch(tmp_path):
+    """Where and why early stopping stopped a model: TensorBoard's Text tab."""
+    from tensorboard.plugins.text import metadata as text_metadata
+
+    write_tensorboard(str(tmp_path), "m", {"lr": 0.1}, {"val_loss": [1.0, 0.9]}, "val_loss",
+                      notes={"early_stopping": (2, "stopped after epoch 2: ASHA rung 2")})
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "m"), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    assert "early_stopping" in acc.PluginTagToContent(text_metadata.PLUGIN_NAME)
+    [event] = acc.Tensors("early_stopping")
+    assert event.step == 2 and tensor_util.make_ndarray(event.tensor_proto).item().decode() == \
+        "stopped after epoch 2: ASHA rung 2"

@@ -110,20 +110,34 @@ class _Backend:
         return 2
 
 
-def test_tpe_search_keeps_parallelism_in_flight_and_learns():
-    search = TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=5, num_epochs=1, n_startup_jobs=1)
-    assert search.parallelism == 2 and search.num_params == 5
-    first = search._initial_configs(known=0, active=0)
+def test_tpe_searcher_learns_from_each_result_and_stops_at_num_models():
+    searcher = TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=5, num_epochs=1, n_startup_jobs=1).searcher
+    first = searcher.propose(2)
     assert len(first) == 2
-    # model 0 finished: one replacement, proposed by TPE knowing that result
-    more = search._more_configs("model_000", first[0], objective(first[0]), known=2, in_flight=1)
-    assert len(more) == 1 and search.proposals[-1][1] == 1
-    # no more than num_models in all
-    assert search._more_configs("model_001", first[1], objective(first[1]), known=5, in_flight=2) == []
-    assert search.proposer.num_observed == 2
+    searcher.observe(first[0], objective(first[0]))  # model 0 finished: its replacement knows that result
+    assert len(searcher.propose(1)) == 1 and searcher.proposals[-1][1] == 1
+    assert len(searcher.propose(10)) == 2 and searcher.propose(1) == []  # no more than num_models in all
+    assert searcher.proposer.num_observed == 1
+
+
+def test_a_resumed_tpe_searcher_continues_the_sequence_instead_of_repeating_it():
+    def fresh():
+        return TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=6, num_epochs=1).searcher
+
+    whole = fresh().propose(4)
+    before = fresh()
+    head = before.propose(2)
+    resumed = fresh()
+    resumed.load_state_dict(before.state_dict(), finished={0})  # model 0 finished, model 1 still training
+    assert resumed.proposer.num_pending == 1 and resumed.remaining == 4
+    assert head + resumed.propose(2) == whole  # random start-up draws: the same as without the restart
 
 
 def test_tpe_search_direction_follows_metric():
     search = TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=3, num_epochs=1, evaluation_metric="acc")
-    search._initial_configs(known=0, active=0)
     assert search.proposer.metric_mode == "max"  # Cerebro refused maximised metrics in TPE
+    with pytest.raises(ValueError, match="mode='min' or mode='max'"):  # a name Keras does not know: say which way
+        TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=3, num_epochs=1, evaluation_metric="my_score")
+    search = TPESearch(_Backend(), None, lambda p: None, SPACE, num_models=3, num_epochs=1,
+                       evaluation_metric="my_score", mode="max")
+    assert search.proposer.metric_mode == "max"

@@ -7,15 +7,24 @@ A search (``fit(df)`` or ``fit_on_prepared_data()``):
    seed, and publishes the compiled model into ``<prefix>/runs/<run_id>/models/<model_id>/``;
 3. trains every model for ``num_epochs`` with MOP (:class:`cerebro_tasks.mop.runtime.MopDriver`):
    ``num_workers`` long-lived Spark tasks, each owning a share of the data, models hopping between
-   them, validation of epoch ``e`` beside training of ``e + 1``;
+   them, validation of epoch ``e`` beside training of ``e + 1``; with ``early_stopping=`` a stopping
+   rule judges each model after each epoch and stops the hopeless ones;
 4. as each model finishes: writes its TensorBoard logs (hparams + per-epoch scalars), logs progress
-   (models finished, epochs done, units per minute, best so far), and lets the search add models
-   (TPE does; grid and random searches know theirs from the start);
+   (models finished, epochs done, units per minute, best so far), and lets the search add models;
 5. at the end writes ``summary.json``, ``summary.md``, ``learning_curves.png`` and
    ``timeline.png`` into the run folder and returns a :class:`ModelSelectionResult`.
 
+Everything from 3 on is the one search driver (:class:`cerebro_tasks.search.driver.SearchDriver`)
+that the DeepPostures job uses too; this module only adapts Cerebro's API to it.
+
 ``run_id=`` (keyword) names the run folder; running again with the same id resumes it from its
-journal (finished units are not redone).
+journal (finished units are not redone), after checking that the configuration and the prepared
+data are those the run started with (``config.json``), as the DeepPostures job does.
+
+Keywords beyond Cerebro's, on every search class: ``mode`` ("min"/"max"; default from the Keras
+name of ``evaluation_metric``, and a name Keras does not know needs it), ``select``
+("last_epoch", Cerebro's rule, or "best_epoch") and ``early_stopping`` (e.g. ``{"kind": "asha",
+"reduction_factor": 3, "min_epochs": 1}``; see :mod:`cerebro_tasks.search.stopping`).
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cerebro_tasks.search.selection import best_model, final_value, metric_mode
-from cerebro_tasks.search.space import Dimension, grid, parse_space, sample
-from cerebro_tasks.search.tpe import TPEProposer
+from cerebro_tasks.search.searcher import GridSearcher, RandomSearcher, Searcher, TPESearcher
+from cerebro_tasks.search.selection import SELECTS, metric_mode
+from cerebro_tasks.search.space import Dimension, parse_space
+from cerebro_tasks.search.stopping import check_early_stopping
 from cerebro_tasks.storage import layout
 
 log = logging.getLogger("cerebro_tasks.search")
@@ -39,7 +49,6 @@ log = logging.getLogger("cerebro_tasks.search")
 __all__ = ["ModelSelection", "GridSearch", "RandomSearch", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 2020  # Cerebro's constants.RANDOM_SEED
-_TERMINAL = ("done", "stopped", "failed")
 _ALIASES = {"acc": ["acc", "accuracy"], "accuracy": ["accuracy", "acc"]}
 
 
@@ -65,10 +74,10 @@ def _json_safe(value: Any) -> Any:
 
 
 class ModelSelection:
-    """The base of Cerebro's searches: data preparation, MOP training, results, logs.
+    """The base of Cerebro's searches: data preparation, the search driver, Cerebro's result.
 
-    Subclasses say which configurations to train: ``_initial_configs`` before training starts,
-    ``_more_configs`` each time a model finishes.
+    Subclasses say which searcher proposes the configurations (``_make_searcher``) and how many
+    models are in flight (``_parallelism``).
     """
 
     search_kind = "search"
@@ -77,7 +86,8 @@ class ModelSelection:
                  search_space: Mapping[str, Any], num_epochs: int, evaluation_metric: str = "loss",
                  validation: float | str | None = 0.25, label_columns: Sequence[str] | None = None,
                  feature_columns: Sequence[str] | None = None, verbose: int = 1, *, seed: int = DEFAULT_SEED,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, mode: str | None = None, select: str = "last_epoch",
+                 early_stopping: Mapping[str, Any] | None = None) -> None:
         if not isinstance(search_space, Mapping):
             raise TypeError(f"search space has to be a dict of name -> hp_*(...); got {type(search_space).__name__}")
         bad = [k for k in search_space if not isinstance(k, str)]
@@ -96,6 +106,11 @@ class ModelSelection:
         self.space: dict[str, Dimension] = parse_space(dict(search_space))
         self.num_epochs = int(num_epochs)
         self.evaluation_metric = _strip_prefix(evaluation_metric)
+        self.mode = metric_mode(self.evaluation_metric, mode)  # an unknown name without a mode: an error now
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+        self.select = select
+        self.early_stopping = check_early_stopping(early_stopping, self.num_epochs)
         self.validation = validation
         self.label_cols = _columns(label_columns, "label", "label_columns")
         self.feature_cols = _columns(feature_columns, "features", "feature_columns")
@@ -104,15 +119,12 @@ class ModelSelection:
         self._given_run_id = run_id
         self.run_id = run_id  # the run folder of the latest fit (a new one per fit unless run_id was given)
         # state of one fit
-        self._driver: Any = None
+        self.searcher: Searcher  # set by each search class once its arguments are checked
+        self._search: Any = None  # the SearchDriver of the latest fit
         self._run_store: Any = None
         self._metadata: dict[str, Any] = {}
         self._metric_prefix = "val_"
-        self._metric_key: str | None = None
-        self._completed: set[str] = set()
-        self._next_index = 0
         self._t0 = 0.0
-        self._best: tuple[str, float] | None = None
 
     # Cerebro's entry points ----------------------------------------------------------------------------
     def fit(self, df: Any) -> Any:
@@ -129,21 +141,21 @@ class ModelSelection:
         return self._fit_on_prepared_data(metadata, val_rows)
 
     # what subclasses decide ------------------------------------------------------------------------------
+    def _make_searcher(self) -> Searcher:
+        raise NotImplementedError
+
+    def _parallelism(self) -> int | None:
+        """Models in flight; None: every configuration at once."""
+        return None
+
     def _expected_models(self) -> int:
-        raise NotImplementedError
-
-    def _initial_configs(self, known: int, active: int) -> list[dict[str, Any]]:
-        """Configurations to add before training; ``known`` models exist already (a resumed run)."""
-        raise NotImplementedError
-
-    def _more_configs(self, model_id: str, params: dict[str, Any], value: float, known: int,
-                      in_flight: int) -> list[dict[str, Any]]:
-        """Configurations to add now that ``model_id`` finished with ``value`` of the metric."""
-        return []
+        return self.searcher.total
 
     # the search --------------------------------------------------------------------------------------------
     def _fit_on_prepared_data(self, metadata: dict[str, Any], val_rows: int) -> Any:
+        from cerebro_tasks.cerebro.data import data_files
         from cerebro_tasks.cerebro.workload import EstimatorWorkload
+        from cerebro_tasks.search.driver import SearchDriver, check_same_run
 
         _hide_driver_gpus()
         validate = val_rows > 0
@@ -154,47 +166,48 @@ class ModelSelection:
         self.run_id = run_id
         self._run_store = self.store.run_store(run_id)
         run_url = self._run_store.url
-        workload = EstimatorWorkload(train_url=self.store.get_train_data_path(),
-                                     val_url=self.store.get_val_data_path() if validate else None, run_url=run_url,
+        train_url, val_url = self.store.get_train_data_path(), self.store.get_val_data_path()
+        W = self.backend._num_workers()
+        # what a resumed run must find unchanged: the search, and the prepared data it trains on
+        check_same_run(self._run_store, self._run_config(W), {
+            "train_url": train_url, "val_url": val_url if validate else None, "val_rows": int(val_rows),
+            "train_files": [f.rsplit("/", 1)[-1] for f in data_files(train_url)],
+            "val_files": [f.rsplit("/", 1)[-1] for f in data_files(val_url)] if validate else [],
+            "columns": {k: str(v) for k, v in sorted(metadata.items())}})
+        workload = EstimatorWorkload(train_url=train_url, val_url=val_url if validate else None, run_url=run_url,
                                      feature_columns=tuple(self.feature_cols), label_columns=tuple(self.label_cols),
-                                     num_workers=self.backend._num_workers())
-        self._driver = driver = self.backend.mop_driver(workload, run_url, seed=_seed_of(self.seed, 2),
-                                                        validate=validate)
+                                     num_workers=W)
+        mop = self.backend.mop_driver(workload, run_url, seed=_seed_of(self.seed, 2), validate=validate)
         self._metadata = metadata
-        self._completed = set()
-        self._best = None
-        self._metric_key = None
-        driver.resume()
-        known = len(driver.specs)
-        self._next_index = known
-        active = sum(1 for m in driver.specs if driver.scheduler.model_status(m).state not in _TERMINAL)
+        self.searcher = self._make_searcher()  # one per fit; a resumed run's models are restored into it
+        names = _ALIASES.get(self.evaluation_metric, [self.evaluation_metric])
+        self._search = search = SearchDriver(
+            mop, self.searcher, new_model=self._new_model, num_epochs=self.num_epochs,
+            metric_keys=[self._metric_prefix + n for n in names], mode=self.mode, select=self.select,
+            early_stopping=self.early_stopping, parallelism=self._parallelism(), on_model_done=self._log_progress)
+        known = search.start()
         if known:
             self._say(f"Resuming run {run_id}: {known} models known")
-        for params in self._initial_configs(known, active):
-            driver.add(self._new_model(params))
-        if not driver.specs:
-            raise ValueError(f"{type(self).__name__}: nothing to train (the search space gave no configurations)")
-        self._run_store.write_json({"search": self.search_kind, "run_id": run_id, "seed": self.seed,
-                                    "num_epochs": self.num_epochs, "evaluation_metric": self.evaluation_metric,
-                                    "feature_columns": self.feature_cols, "label_columns": self.label_cols,
-                                    "num_workers": self.backend._num_workers(),
-                                    "search_space": {k: d.to_json() for k, d in self.space.items()}},
-                                   "search.json")
-        self._say(f"Launching Model Selection Workload: run {run_id}, {len(driver.specs)} models "
-                  f"({self._expected_models()} planned), {self.backend._num_workers()} workers, in {run_url}")
+        self._say(f"Launching Model Selection Workload: run {run_id}, {len(mop.specs)} models "
+                  f"({self._expected_models()} planned), {W} workers, in {run_url}")
         self._t0 = time.time()
-        mop = driver.run(self._on_model_done)
-        return self._finish(mop)
+        return self._finish(search.run())
 
-    def _new_model(self, params: Mapping[str, Any]) -> Any:
-        """Build the estimator of one configuration on the driver and publish it for the workers."""
+    def _run_config(self, num_workers: int) -> dict[str, Any]:
+        return {"search": self.search_kind, "seed": self.seed, "num_epochs": self.num_epochs,
+                "num_models": self._expected_models(), "parallelism": self._parallelism(),
+                "evaluation_metric": self.evaluation_metric, "mode": self.mode, "select": self.select,
+                "early_stopping": self.early_stopping, "feature_columns": self.feature_cols,
+                "label_columns": self.label_cols, "num_workers": num_workers,
+                "search_space": {k: d.to_json() for k, d in self.space.items()}}
+
+    def _new_model(self, index: int, params: Mapping[str, Any]) -> Any:
+        """Build the estimator of the ``index``-th configuration on the driver and publish it for the workers."""
         import keras
 
         from cerebro_tasks.cerebro.estimator import SparkEstimator, publish_estimator
         from cerebro_tasks.mop.workload import ModelSpec
 
-        index = self._next_index
-        self._next_index += 1
         width = max(3, len(str(max(self._expected_models(), index + 1) - 1)))
         model_id = f"model_{index:0{width}d}"
         params = {k: _json_safe(v) for k, v in params.items()}
@@ -216,104 +229,57 @@ class ModelSelection:
         self._say(f"Model: {model_id}, " + ", ".join(f"{k}: {v}" for k, v in params.items()))
         return ModelSpec(model_id, params, self.num_epochs, seed, cost=_size_in_millions(estimator.getModel()))
 
-    def _resolve_metric(self, history: Mapping[str, Any]) -> str | None:
-        if self._metric_key is not None:
-            return self._metric_key
-        for name in _ALIASES.get(self.evaluation_metric, [self.evaluation_metric]):
-            key = self._metric_prefix + name
-            if key in history:
-                self._metric_key = key
-                return key
-        return None
-
-    def _on_model_done(self, model_id: str, history: dict[str, list[float]]) -> list[Any]:
-        driver = self._driver
-        spec = driver.specs[model_id]
-        self._completed.add(model_id)
-        state = driver.scheduler.model_status(model_id).state
-        key = self._resolve_metric(history)
-        value = final_value(history, key) if key else math.nan
-        if key is None and state == "done":
-            log.warning("model %s has no %s%s; it recorded %s", model_id, self._metric_prefix, self.evaluation_metric,
-                        sorted(history))
-        try:
-            from cerebro_tasks.search.tensorboard import write_tensorboard
-
-            write_tensorboard(self._run_store.url, model_id, spec.params, history, key)
-        except Exception:  # logs are worth a warning, never the search
-            log.exception("could not write TensorBoard logs of %s", model_id)
-        if key and not math.isnan(value):
-            better = self._best is None or (value > self._best[1] if metric_mode(key) == "max" else value < self._best[1])
-            if better:
-                self._best = (model_id, value)
-        self._log_progress(model_id, state, key, value)
-        known = len(driver.specs)
-        in_flight = known - len(self._completed)
-        return [self._new_model(p) for p in self._more_configs(model_id, dict(spec.params), value, known, in_flight)]
-
-    def _log_progress(self, model_id: str, state: str, key: str | None, value: float) -> None:
-        p = self._driver.scheduler.progress()
+    def _log_progress(self, model_id: str, state: str, value: float) -> None:
+        search = self._search
+        p = search.mop.scheduler.progress()
         W = self.backend._num_workers()
+        key = search.metric
         epochs_done = sum(m["step"] // W for m in p["models"].values())
         epochs_total = max(self._expected_models(), len(p["models"])) * self.num_epochs
         minutes = max(time.time() - self._t0, 1e-9) / 60.0
-        best = f"{self._best[0]} {key}={self._best[1]:.4g}" if self._best and key else "none yet"
+        best = f"{search.best_so_far[0]} {key}={search.best_so_far[1]:.4g}" if search.best_so_far and key else "none yet"
         result = f"{key}={value:.4g}" if key and not math.isnan(value) else state
+        if state == "stopped":
+            result += ", stopped early"
         self._say(f"{model_id} finished ({result}) | models {p['models_done']}/{max(self._expected_models(), p['models_total'])}, "
                   f"epochs {epochs_done}/{epochs_total}, {p['units_done'] / minutes:.1f} units/min, best so far: {best}")
 
     def _finish(self, mop: Any) -> Any:
-        from cerebro_tasks.mop.timeline import plot_timeline
         from cerebro_tasks.storage.layout import checkpoint_name
-        from cerebro_tasks.search.report import plot_learning_curves, publish_png, summary_markdown, summary_rows
         from cerebro_tasks.cerebro.result import ModelSelectionResult, SparkModel
 
-        histories = mop.histories
-        for model_id in mop.specs:
-            histories.setdefault(model_id, {})
-        key = self._metric_key
-        if key is None or not any(key in h for h in histories.values()):
-            seen = sorted({k for h in histories.values() for k in h})
+        search = self._search
+        W = self.backend._num_workers()
+        if search.metric is None:
+            seen = sorted({k for h in mop.histories.values() for k in h})
             raise ValueError(f"evaluation_metric {self.evaluation_metric!r}: no model recorded "
                              f"{self._metric_prefix}{self.evaluation_metric}; metrics recorded: {seen} (compile the "
                              "model with this metric, or pick one of these)")
-        params = {m: dict(s.params) for m, s in mop.specs.items()}
-        usable = {m: h for m, h in histories.items() if m not in mop.failed_models}
-        best_id = best_model(usable or histories, key)
-        seconds: dict[str, float] = {}
-        for r in mop.records:
-            m = r["unit"]["model_id"]
-            seconds[m] = seconds.get(m, 0.0) + r["end"] - r["start"]
-        rows = summary_rows(histories, params, key, seconds)
-        W = self.backend._num_workers()
-        summary = {"search": self.search_kind, "run_id": self.run_id, "run_url": self._run_store.url_of(),
-                   "metric": key, "mode": metric_mode(key), "best_model_id": best_id, "num_models": len(mop.specs),
-                   "num_epochs": self.num_epochs, "num_workers": W, "seed": self.seed, "wall_s": mop.wall_s,
-                   "figures": mop.figures, "failed_models": list(mop.failed_models), "models": rows}
-        self._run_store.write_json(summary, layout.SUMMARY_JSON)
-        self._run_store.write_bytes(summary_markdown(summary).encode(), layout.SUMMARY_MD)
-        title = f"{self.search_kind} search {self.run_id}"
-        publish_png(self._run_store, layout.LEARNING_CURVES_PNG, lambda p: plot_learning_curves(histories, p, title=title))
-        if mop.records:
-            publish_png(self._run_store, layout.TIMELINE_PNG, lambda p: plot_timeline(mop.records, p, title=title))
-        fig = mop.figures
-        self._say(f"Finished: best {best_id} {key}={final_value(histories[best_id], key):.4g}; "
-                  f"{len(mop.specs)} models in {mop.wall_s:.1f} s, utilisation {fig.get('utilisation', 0):.0%}; "
-                  f"summary in {self._run_store.url_of('summary.md')}")
+        outcome = search.finish(mop, search=self.search_kind, run_id=self.run_id, wall_s=mop.wall_s, seed=self.seed)
+        histories = mop.histories
+        fig = outcome.summary["figures"]
+        self._say(f"Finished: best {outcome.best_model_id} {outcome.metric}={outcome.best_value:.4g} (epoch "
+                  f"{outcome.best_epoch + 1}, {self.select}); {len(mop.specs)} models in {mop.wall_s:.1f} s, utilisation "
+                  f"{fig.get('utilisation', 0):.0%}; summary in {self._run_store.url_of(layout.SUMMARY_MD)}")
         models = {}
         for model_id in sorted(mop.specs):
-            step = self.num_epochs * W
-            if model_id in mop.failed_models or not self._run_store.exists(*checkpoint_name(model_id, step)):
+            epoch = outcome.selected_epochs.get(model_id)
+            if epoch is None:
+                continue  # failed, or no value of the metric
+            step = (epoch + 1) * W  # the checkpoint of the epoch that counts for this model
+            if not self._run_store.exists(*checkpoint_name(model_id, step)):
                 continue
             info = self._run_store.read_json(*layout.model_file(model_id, layout.MODEL_INFO))
             models[model_id] = SparkModel(history=histories[model_id], feature_columns=self.feature_cols,
                                           label_columns=self.label_cols, run_id=model_id,
                                           run_url=self._run_store.url, checkpoint_step=step, info=info)
+        best_id = outcome.best_model_id
         if best_id not in models:
-            raise RuntimeError(f"the best model {best_id} has no final checkpoint in {self._run_store.url}")
+            raise RuntimeError(f"the best model {best_id} has no checkpoint of epoch {outcome.best_epoch + 1} in "
+                               f"{self._run_store.url}")
         return ModelSelectionResult(models[best_id], histories, list(models.values()),
                                     [f"{c}__output" for c in self.label_cols], run_url=self._run_store.url,
-                                    summary=summary, mop_result=mop)
+                                    summary=outcome.summary, mop_result=mop)
 
     def _say(self, message: str) -> None:
         """Progress: to the log, and printed Cerebro-style when logging is not set up (scripts)."""
@@ -327,7 +293,8 @@ class GridSearch(ModelSelection):
 
     Arguments as Cerebro's: ``GridSearch(backend, store, estimator_gen_fn, search_space, num_epochs,
     evaluation_metric='loss', validation=0.25, label_columns=['label'], feature_columns=['features'],
-    verbose=1)``; keyword-only ``seed`` (model weights, data split) and ``run_id`` (resume).
+    verbose=1)``; keyword-only ``seed`` (model weights, data split), ``run_id`` (resume), ``mode``,
+    ``select`` and ``early_stopping`` (see the module docstring).
     """
 
     search_kind = "grid"
@@ -336,16 +303,16 @@ class GridSearch(ModelSelection):
                  search_space: Mapping[str, Any], num_epochs: int, evaluation_metric: str = "loss",
                  validation: float | str | None = 0.25, label_columns: Sequence[str] | None = None,
                  feature_columns: Sequence[str] | None = None, verbose: int = 1, *, seed: int = DEFAULT_SEED,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, mode: str | None = None, select: str = "last_epoch",
+                 early_stopping: Mapping[str, Any] | None = None) -> None:
         super().__init__(backend, store, estimator_gen_fn, search_space, num_epochs, evaluation_metric, validation,
-                         label_columns, feature_columns, verbose, seed=seed, run_id=run_id)
-        self.estimator_param_maps = grid(self.space)  # raises, naming the dimension, unless all are choices
+                         label_columns, feature_columns, verbose, seed=seed, run_id=run_id, mode=mode, select=select,
+                         early_stopping=early_stopping)
+        self.searcher = self._make_searcher()  # raises, naming the dimension, unless all are choices
+        self.estimator_param_maps = self.searcher.configs
 
-    def _expected_models(self) -> int:
-        return len(self.estimator_param_maps)
-
-    def _initial_configs(self, known: int, active: int) -> list[dict[str, Any]]:
-        return self.estimator_param_maps[known:]
+    def _make_searcher(self) -> Searcher:
+        return GridSearcher(self.space, seed=self.seed, mode=self.mode)
 
 
 class RandomSearch(ModelSelection):
@@ -361,20 +328,20 @@ class RandomSearch(ModelSelection):
                  search_space: Mapping[str, Any], num_models: int, num_epochs: int, evaluation_metric: str = "loss",
                  validation: float | str | None = 0.25, label_columns: Sequence[str] | None = None,
                  feature_columns: Sequence[str] | None = None, verbose: int = 1, *, seed: int = DEFAULT_SEED,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, mode: str | None = None, select: str = "last_epoch",
+                 early_stopping: Mapping[str, Any] | None = None) -> None:
         super().__init__(backend, store, estimator_gen_fn, search_space, num_epochs, evaluation_metric, validation,
-                         label_columns, feature_columns, verbose, seed=seed, run_id=run_id)
+                         label_columns, feature_columns, verbose, seed=seed, run_id=run_id, mode=mode, select=select,
+                         early_stopping=early_stopping)
         if int(num_models) < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models!r}")
         self.num_models = int(num_models)
         self.num_params = self.num_models  # Cerebro's attribute name
-        self.estimator_param_maps = sample(self.space, self.num_models, np.random.default_rng(_seed_of(self.seed, 5)))
+        self.searcher = self._make_searcher()
+        self.estimator_param_maps = self.searcher.configs
 
-    def _expected_models(self) -> int:
-        return self.num_models
-
-    def _initial_configs(self, known: int, active: int) -> list[dict[str, Any]]:
-        return self.estimator_param_maps[known:]
+    def _make_searcher(self) -> Searcher:
+        return RandomSearcher(self.space, seed=_seed_of(self.seed, 5), mode=self.mode, num_models=self.num_models)
 
 
 # helpers -------------------------------------------------------------------------------------------------
@@ -417,7 +384,8 @@ class TPESearch(ModelSelection):
     :param num_models: how many configurations to train in all.
     :param num_epochs: epochs per model.
     :param evaluation_metric: the metric TPE optimises and the best model is chosen by (validation
-        value after the last epoch); its direction follows its name (loss: lower, accuracy: higher).
+        value after the last epoch, or at the best epoch with ``select="best_epoch"``); its direction
+        is ``mode``, by default that of its Keras name (loss: lower, accuracy: higher).
     :param validation: fraction of rows for validation (seeded split) or the name of a column.
     :param label_columns: label columns (default ``['label']``).
     :param feature_columns: feature columns (default ``['features']``).
@@ -428,6 +396,7 @@ class TPESearch(ModelSelection):
     :param n_startup_jobs: finished models before TPE replaces random proposals (default 10, or
         half of ``num_models`` when that is smaller).
     :param run_id: name of the run folder ``<store>/runs/<run_id>``; an existing run is resumed.
+    :param mode, select, early_stopping: see the module docstring.
     """
 
     search_kind = "tpe"
@@ -436,10 +405,12 @@ class TPESearch(ModelSelection):
                  num_models: int, num_epochs: int, evaluation_metric: str = "loss", validation: float | str = 0.25,
                  label_columns: list[str] | None = None, feature_columns: list[str] | None = None,
                  parallelism: int | None = None, verbose: int = 1, *, seed: int = 2020,
-                 n_startup_jobs: int | None = None, run_id: str | None = None) -> None:
+                 n_startup_jobs: int | None = None, run_id: str | None = None, mode: str | None = None,
+                 select: str = "last_epoch", early_stopping: Mapping[str, Any] | None = None) -> None:
         super().__init__(backend, store, estimator_gen_fn, search_space, num_epochs,
                          evaluation_metric=evaluation_metric, validation=validation, label_columns=label_columns,
-                         feature_columns=feature_columns, verbose=verbose, seed=seed, run_id=run_id)
+                         feature_columns=feature_columns, verbose=verbose, seed=seed, run_id=run_id, mode=mode,
+                         select=select, early_stopping=early_stopping)
         if int(num_models) < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models!r}")
         self.num_models = int(num_models)
@@ -452,37 +423,26 @@ class TPESearch(ModelSelection):
         if n_startup_jobs is None:
             n_startup_jobs = max(1, min(10, self.num_models // 2))
         self.n_startup_jobs = int(n_startup_jobs)
-        self.proposer: TPEProposer | None = None
-        # (params, finished models TPE had seen when it proposed them): shows what each proposal learnt from
-        self.proposals: list[tuple[dict[str, Any], int]] = []
+        self.searcher = self._make_searcher()
 
-    def _new_proposer(self) -> TPEProposer:
-        from cerebro_tasks.search.selection import metric_mode
-
+    def _make_searcher(self) -> Searcher:
         # a generator of its own, derived from the search seed, so that it does not depend on
         # how many draws the data split or model seeds took
-        return TPEProposer(self.space, seed=int(np.random.SeedSequence([self.seed, 7]).generate_state(1)[0]),
-                           metric_mode=metric_mode(self.evaluation_metric), n_startup_jobs=self.n_startup_jobs)
+        return TPESearcher(self.space, seed=int(np.random.SeedSequence([self.seed, 7]).generate_state(1)[0]),
+                           mode=self.mode, num_models=self.num_models, n_startup_jobs=self.n_startup_jobs)
 
-    def _expected_models(self) -> int:
-        return self.num_models
+    def _parallelism(self) -> int | None:
+        return self.parallelism
 
-    def _initial_configs(self, known: int, active: int) -> list[dict[str, Any]]:
-        self.proposer = self._new_proposer()  # one per fit; a resumed run's finished models are observed again
-        self.proposals = []
-        return self._propose(max(0, min(self.parallelism - active, self.num_models - known)))
+    @property
+    def proposer(self) -> Any:
+        """The TPE proposer of the latest fit (hyperopt's trials, observations)."""
+        return self.searcher.proposer  # type: ignore[attr-defined]
 
-    def _more_configs(self, model_id: str, params: dict[str, Any], value: float, known: int,
-                      in_flight: int) -> list[dict[str, Any]]:
-        assert self.proposer is not None
-        self.proposer.observe(params, value)
-        return self._propose(max(0, min(self.parallelism - in_flight, self.num_models - known)))
-
-    def _propose(self, n: int) -> list[dict[str, Any]]:
-        assert self.proposer is not None
-        configs = self.proposer.propose(n)
-        self.proposals.extend((c, self.proposer.num_observed) for c in configs)
-        return configs
+    @property
+    def proposals(self) -> list[tuple[dict[str, Any], int]]:
+        """(params, finished models TPE had seen when it proposed them), in proposal order."""
+        return self.searcher.proposals  # type: ignore[attr-defined]
 
 
 HyperOpt = TPESearch

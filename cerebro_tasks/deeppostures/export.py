@@ -117,6 +117,10 @@ def export_best(run_url: str, export_url: str, top_k: int = 1) -> dict[str, Any]
         "params": result["best_params"],
         "metric": result["metric"],
         "value": result["best_value"],
+        # which checkpoint: the model's last epoch (Cerebro's rule) or its best epoch by the metric
+        "select": result.get("select", "last_epoch"),
+        "epoch": result.get("best_epoch"),
+        "checkpoint": result["best_checkpoint"],
         "history": history[result["best_model_id"]],
         "all_histories": history,
         "config": config,

@@ -45,6 +45,9 @@ log = logging.getLogger("cerebro_tasks.mop")
 # Called when a model has finished all its units: (model_id, its history) -> more models to train
 # (how TPE learns from finished models while workers stay busy).
 ModelDoneCallback = Callable[[str, dict[str, list[float]]], "list[ModelSpec] | None"]
+# Called when a model has validated an epoch (trained it, without validation): (model_id, 0-based
+# epoch, its history so far) -> True to stop the model there (early stopping).
+EpochCallback = Callable[[str, int, dict[str, list[float]]], bool]
 
 
 RUN_LOCK = layout.RUN_LOCK
@@ -108,6 +111,10 @@ class MopDriver:
         self._units_run = 0
         self._records: list[dict[str, Any]] = []
         self._completed_models: set[str] = set()
+        self._on_epoch: EpochCallback | None = None
+        self._stopped_now: list[str] = []  # stopped by the last epoch callback: complete them at once
+        # epochs whose training waits for the previous epoch's validation (early stopping decides there)
+        self.epoch_gates: tuple[int, ...] = ()
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -118,7 +125,7 @@ class MopDriver:
         if not spec.cost > 0:
             raise MopError(f"model {spec.model_id!r}: cost must be > 0, got {spec.cost!r}")
         self.specs[spec.model_id] = spec
-        self.scheduler.add_model(spec.model_id, spec.num_epochs)
+        self.scheduler.add_model(spec.model_id, spec.num_epochs, gates=self.epoch_gates)
         self._save_run_spec()
 
     def _save_run_spec(self) -> None:
@@ -147,11 +154,19 @@ class MopDriver:
         return len(self._records)
 
     # running -------------------------------------------------------------------------------------
-    def run(self, on_model_done: ModelDoneCallback | None = None) -> MopResult:
+    def run(self, on_model_done: ModelDoneCallback | None = None, on_epoch: EpochCallback | None = None) -> MopResult:
         """Train until every model is done. One driver per run: a second waits, then fails."""
+        self._on_epoch = on_epoch
         # a retry that starts while its killed predecessor's lock is fresh waits for it to go stale
         with self.store.lock(RUN_LOCK, wait_s=self.lock_wait_s, heartbeat_s=LOCK_HEARTBEAT_S):
             return self._run(on_model_done)
+
+    def stop(self, model_id: str) -> None:
+        """Early-stop a model: its pending units are dropped, so its workers take other models' units
+        at once; a unit of it already running finishes and is recorded (its checkpoint is kept)."""
+        self.scheduler.stop_model(model_id)
+        self._stopped_now.append(model_id)
+        log.info("model %s stopped early at step %d", model_id, self.scheduler.model_status(model_id).step)
 
     def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
         server = ControlServer()
@@ -198,6 +213,16 @@ class MopDriver:
     def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
         # models completed before a resume still count for a search that learns from results (TPE)
         hist = histories(self._records, self.num_workers)
+        if self._on_epoch is not None:
+            # every epoch validated before the resume, oldest first: the search answers those it
+            # decided already from its own record, and decides the rest now
+            last = max((len(series) for h in hist.values() for series in h.values()), default=0)
+            for epoch in range(last):
+                for model_id in list(self.specs):
+                    status = self.scheduler.model_status(model_id)
+                    if status.state == "running" and self._epoch_closed(status, epoch):
+                        self._epoch_done(model_id, epoch, hist.get(model_id, {}))
+            self._stopped_now.clear()  # the loop below completes every terminal model
         for model_id in list(self.specs):
             if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
                 self._model_complete(model_id, hist.get(model_id, {}), on_model_done)
@@ -315,7 +340,26 @@ class MopDriver:
         self._s_per_cost = max(self._s_per_cost, (result["end"] - result["start"]) / self._unit_cost(unit))
         self.scheduler.unit_finished(worker_id, unit, duration=duration)
         self._log_progress(unit, result)
+        status = self.scheduler.model_status(unit.model_id)
+        if (self._on_epoch is not None and status.state == "running" and self._epoch_closed(status, unit.epoch)
+                and (unit.kind == "val") == self.scheduler.validate):
+            history = histories([r for r in self._records if r["unit"]["model_id"] == unit.model_id],
+                                self.num_workers).get(unit.model_id, {})
+            self._epoch_done(unit.model_id, unit.epoch, history)
         self._check_model(unit.model_id, on_model_done)
+        while self._stopped_now:  # other models a decision stopped: their workers are free now
+            self._check_model(self._stopped_now.pop(0), on_model_done)
+
+    def _epoch_closed(self, status: Any, epoch: int) -> bool:
+        """Whether ``epoch`` of the model has all its results in (its validation, or its training)."""
+        if self.scheduler.validate:
+            return epoch in status.validated_epochs
+        return status.epochs_trained > epoch
+
+    def _epoch_done(self, model_id: str, epoch: int, history: dict[str, list[float]]) -> None:
+        assert self._on_epoch is not None
+        if self._on_epoch(model_id, epoch, history):
+            self.stop(model_id)
 
     def _check_model(self, model_id: str, on_model_done: ModelDoneCallback | None) -> None:
         if model_id in self._completed_models:

@@ -58,6 +58,10 @@ units of a free worker, the one it holds goes first. Affinity only changes *wher
 *whether* a model runs, so it costs no priority. ``affinity_hits`` counts dispatches that can
 skip the load; the runtime applies the same rule (same model and same step as its last unit).
 
+Gates (``add_model(gates=...)``): at the epochs an early-stopping rule decides, a model's next
+epoch starts only once the previous one is validated, so a stop costs no further training;
+meanwhile its partitions serve other models' units (work-conserving among what may run).
+
 Failures: ``worker_left`` puts the running unit back without charging a retry (losing a worker
 is not the unit's fault). ``unit_failed`` charges one retry to that unit; after
 ``max_unit_retries`` retries the *model* is marked ``"failed"`` (its pending units are dropped
@@ -149,6 +153,8 @@ class _Model:
     train_n: int = 0
     val_sum: float = 0.0
     val_n: int = 0
+    # epochs whose training waits until the previous epoch is validated (early stopping decides there)
+    gates: frozenset[int] = frozenset()
 
     @property
     def terminal(self) -> bool:
@@ -177,6 +183,7 @@ class _Model:
             "train_n": self.train_n,
             "val_sum": self.val_sum,
             "val_n": self.val_n,
+            "gates": sorted(self.gates),
         }
 
     @classmethod
@@ -197,6 +204,7 @@ class _Model:
             train_n=int(d["train_n"]),
             val_sum=float(d["val_sum"]),
             val_n=int(d["val_n"]),
+            gates=frozenset(int(e) for e in d.get("gates", ())),
         )
 
 
@@ -271,13 +279,18 @@ class HopScheduler:
         self.affinity_hits = 0  # dispatches that can reuse in-memory weights (ckpt loads saved)
 
     # ------------------------------------------------------------------ models
-    def add_model(self, model_id: str, num_epochs: int) -> None:
-        """Add a model to train for ``num_epochs`` epochs; allowed at any time, also mid-run."""
+    def add_model(self, model_id: str, num_epochs: int, gates: tuple[int, ...] = ()) -> None:
+        """Add a model to train for ``num_epochs`` epochs; allowed at any time, also mid-run.
+
+        ``gates``: epochs (0-based) whose training starts only once the previous epoch is
+        validated, so that early stopping can decide there before more is spent on the model;
+        its workers take other models' units meanwhile (ignored without validation).
+        """
         if model_id in self._models:
             raise SchedulerError(f"model {model_id!r} was already added")
         if int(num_epochs) < 1:
             raise SchedulerError(f"num_epochs must be >= 1, got {num_epochs}")
-        m = _Model(model_id, int(num_epochs), order=len(self._models))
+        m = _Model(model_id, int(num_epochs), order=len(self._models), gates=frozenset(int(e) for e in gates))
         self._models[model_id] = m
         self._live[model_id] = m
 
@@ -458,7 +471,7 @@ class HopScheduler:
         """Longest remaining chain first; each model goes to a free partition it still needs."""
         cands = []
         for m in self._live.values():
-            if (m.model_id not in chain or m.train_worker is not None
+            if (m.model_id not in chain or m.train_worker is not None or self._gated(m)
                     or (among is not None and m.model_id not in among)):
                 continue
             if any(p not in m.visited for p in idle):
@@ -522,7 +535,7 @@ class HopScheduler:
         for p in parts:
             options: list[Unit] = []
             for m in self._live.values():
-                if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited:
+                if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited and not self._gated(m):
                     options.append(self._train_unit(m, p))
                 for e, todo in m.val_todo.items():
                     if p in todo:
@@ -629,6 +642,10 @@ class HopScheduler:
         if not training:
             return (f"no work for partition {p}: no model is still training and its val units "
                     f"for this partition are done or running")
+        gated = sum(1 for m in training if self._gated(m))
+        if gated:
+            return (f"{gated} model(s) wait for their validation before training on (early stopping decides "
+                    f"there); no other unit can use partition {p}")
         need = sum(1 for m in training if p not in m.visited)
         if need:
             return (f"{need} model(s) still need partition {p} this epoch, but each is training "
@@ -821,9 +838,14 @@ class HopScheduler:
             self._val_sum += duration
             self._val_n += 1
 
+    def _gated(self, m: _Model) -> bool:
+        """Whether the model's next epoch waits for the previous one's validation (see add_model)."""
+        return (self.validate and m.epoch in m.gates and not m.visited
+                and m.val_finished.get(m.epoch - 1, 0) < self.num_partitions)
+
     def _runnable_on(self, p: int) -> bool:
         for m in self._live.values():
-            if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited:
+            if m.train_worker is None and m.epoch < m.num_epochs and p not in m.visited and not self._gated(m):
                 return True
             if any(p in todo for todo in m.val_todo.values()):
                 return True

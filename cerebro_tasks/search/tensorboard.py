@@ -52,18 +52,22 @@ def hparam_value(value: Any) -> bool | int | float | str:
 
 
 def write_tensorboard(run_url: str, model_id: str, params: Mapping[str, Any],
-                      history: Mapping[str, list[float]], metric: str | None = None) -> str:
+                      history: Mapping[str, list[float]], metric: str | None = None,
+                      notes: Mapping[str, tuple[int, str]] | None = None) -> str:
     """Write one model's hyperparameters and per-epoch scalars under ``<run_url>/tb/<model_id>/``.
 
     ``history`` maps a tag (``train_loss``, ``val_accuracy``, ...) to one value per epoch; epoch
     ``e`` (0-based) is written at step ``e + 1``, as Cerebro did. NaN values (an epoch a model did
     not reach) are skipped. ``metric`` names the selection metric: when given, it is also written as
     ``selection/<metric>`` at the last epoch, so the HParams table has one column to sort by, and a
-    warning says when the history lacks it. Returns the URL of the model's log folder.
+    warning says when the history lacks it. ``notes`` maps a tag to (1-based epoch, text), shown
+    in TensorBoard's Text tab (e.g. where and why early stopping stopped the model). Returns the
+    URL of the model's log folder.
     """
     from tensorboard.compat.proto import event_pb2
     from tensorboard.plugins.hparams import summary_v2 as hparams_summary
     from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+    from tensorboard.plugins.text import summary_v2 as text_summary
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     if not model_id or "/" in model_id:
@@ -86,6 +90,8 @@ def write_tensorboard(run_url: str, model_id: str, params: Mapping[str, Any],
         else:
             log.warning("TensorBoard: model %s has no value for the selection metric %r (has %s)",
                         model_id, metric, sorted(history))
+    for tag, (step, text) in sorted((notes or {}).items()):
+        events.append(event_pb2.Event(wall_time=now, step=int(step), summary=text_summary.text_pb(tag, str(text))))
     # TensorBoard's file name pattern: events.out.tfevents.<time>.<host>.<pid>.<n>
     name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().int % 10**6}"
     with tempfile.TemporaryDirectory(prefix="cerebro-tb-") as local:

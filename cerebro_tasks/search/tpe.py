@@ -17,8 +17,9 @@ to the end, and only then asked again (and returned only the last batch's histor
   ``n_startup_jobs`` real results.
 * ``hp_loguniform(low, high)`` means ``10 ** U(low, high)`` here as in random search, and the
   direction follows the metric: for scores (accuracy, AUC) TPE minimises ``-value``.
-* All randomness comes from one ``np.random.default_rng(seed)``: the same seed and the same
-  observations give the same proposals.
+* Proposal ``k`` draws from a seed derived from ``(seed, k)``: the same seed and the same
+  observations give the same proposals, and a resumed run that tells the proposer how many
+  configurations it had proposed (``skip``) continues the sequence instead of repeating it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class TPEProposer:
         # the objective is never called: models are trained by MOP, results come back via observe()
         self._domain = Domain(lambda _params: 0.0, to_hyperopt_space(self.space))
         self._trials = Trials()
-        self._rng = np.random.default_rng(seed)
+        self._seed = int(seed)
+        self.num_proposed = 0  # proposals made (and skipped on resume): numbers the next draw
         self._pending: dict[int, dict[str, Any]] = {}  # tid -> params, in proposal order
         self._observed = 0
         self._observations: list[tuple[dict[str, Any], float]] = []
@@ -115,7 +117,8 @@ class TPEProposer:
         out = []
         for _ in range(max(0, int(n))):
             tids = self._trials.new_trial_ids(1)
-            seed = int(self._rng.integers(2**31 - 1))
+            seed = int(np.random.SeedSequence([self._seed, self.num_proposed]).generate_state(1)[0] & 0x7FFFFFFF)
+            self.num_proposed += 1
             if self._observed < self.n_startup_jobs:
                 docs = rand.suggest(tids, self._domain, self._trials, seed)
             else:
@@ -154,6 +157,18 @@ class TPEProposer:
             doc["result"] = {"status": STATUS_FAIL, "value": math.nan}
         doc["state"] = JOB_STATE_DONE
         self._trials.refresh()
+
+    def add_pending(self, params: Mapping[str, Any]) -> None:
+        """A configuration proposed by an earlier attempt of the run and still training (resume):
+        it counts as proposed and, until observed, as running (bad) for TPE."""
+        params = {k: dict(params)[k] for k in self.space}
+        doc = self._outside_trial(params)
+        self._pending[doc["tid"]] = params
+        self.num_proposed += 1
+
+    def skip(self, n: int) -> None:
+        """Count ``n`` proposals made by an earlier attempt that finished (observed separately)."""
+        self.num_proposed += int(n)
 
     # ----------------------------------------------------------------------------------------------
     def _outside_trial(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@
     models/<model_id>/    ckpt-<step>.keras checkpoints; the Cerebro API's init.keras, estimator.pkl,
                           model_info.json
     tb/<model_id>/        TensorBoard events
+    search_state.json     the stopping rule's state and every early-stopping decision (resume)
     history.json, timeline.json, summary.json, summary.md, learning_curves.png, timeline.png
     result.json           the small result the DAG passes on
 
@@ -30,6 +31,7 @@ SUMMARY_MD = "summary.md"
 LEARNING_CURVES_PNG = "learning_curves.png"
 TIMELINE_PNG = "timeline.png"
 RESULT = "result.json"
+SEARCH_STATE = "search_state.json"
 # the Cerebro API publishes each estimator into its model folder before MOP trains it
 INIT_MODEL = "init.keras"
 ESTIMATOR_EXTRAS = "estimator.pkl"
