@@ -3,9 +3,11 @@
     cerebro-tasks synth   --out H5_ROOT --subjects N --days D --seed S [--windows-per-day K]
     cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast]
     cerebro-tasks split   --dataset DATASET_URL --output PREPARED_URL --workers W [--seed S] [--val-fraction F]
+                          [--as-of ISO]   (the dataset as it was then: files that had arrived before it)
     cerebro-tasks train   --config CONFIG.json            (MOP model selection; resumes a run id)
     cerebro-tasks export  --run RUN_URL --output EXPORT_URL
     cerebro-tasks predict --dataset DATASET_URL --model EXPORT_FOLDER --predictions DIR --model-name NAME
+                          [--which all|new|arrived] [--as-of ISO] [--since ISO]
 
 Each prints a JSON summary on stdout. Spark steps use `--master` (default: $SPARK_MASTER, else
 local[2]; local[W,3] for train); in a deployment the Airflow operators submit the same code with
