@@ -163,3 +163,22 @@ def test_published_example_is_the_published_search():
         run_defaults({"CEREBRO_RUN_DEFAULTS": "/no/such/file"})
     assert set(json.load(open(published))) <= set(SETTABLE)
     assert run_defaults({"CEREBRO_RUN_DEFAULTS": published})["num_epochs"] == 10
+
+
+def test_asset_event_carries_what_the_ingest_converted(dagbag):
+    """What `announce` puts in the `deeppostures_windows` event's extra (the end-to-end test reads
+    it back from a real event); nothing converted: no event at all."""
+    import types
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    announce = dagbag.dags["deeppostures_ingest"].get_task("announce").python_callable
+    (asset,) = dagbag.dags["deeppostures_ingest"].get_task("announce").outlets
+    events = {asset: types.SimpleNamespace(extra=None)}
+    report = {"files": {"converted": 4, "removed": 0}, "version": 3, "new_subjects": ["S0007", "S0008"],
+              "windows": {"total": 1000}}
+    assert announce(report, outlet_events=events) == events[asset].extra == {
+        "dataset_version": 3, "new_subjects": ["S0007", "S0008"], "converted_files": 4, "removed_files": 0,
+        "windows": 1000}
+    with pytest.raises(AirflowSkipException):
+        announce({"files": {"converted": 0, "removed": 0}}, outlet_events=events)
