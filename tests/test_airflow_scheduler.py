@@ -21,6 +21,7 @@ import datetime as dt
 import glob
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAG_ID = "deeppostures_model_selection"
+ONE_MODEL = {"learning_rate": [0.003], "amp_factor": [0.25], "l2": [0.0001], "window_minutes": [3]}
 ARRIVALS = {"2024-03-01T10:00:00+00:00": ["S0001", "S0002", "S0003", "S0004"],
             "2024-03-02T10:00:00+00:00": ["S0005", "S0006"]}
 
@@ -56,6 +58,11 @@ def deployment(tmp_path_factory):
     home = str(base / "cerebro")
     synthesize(f"{home}/h5", subjects=6, days=2, seed=7, windows_per_day=360)
     _arrive(f"{home}/h5")
+    # what the hourly ingest does as files arrive: the DAG's own convert tasks then find nothing new
+    # and answer without Spark (fewer Spark applications on 2 cores keep this test short)
+    subprocess.run([sys.executable, "-m", "cerebro_tasks.cli", "convert", "--input", f"{home}/h5",
+                    "--output", f"{home}/dataset"], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     dags = base / "dags"  # only the DAG under test: the hourly ingest would add Asset-triggered runs
     dags.mkdir()
     os.symlink(os.path.join(ROOT, "dags", f"{DAG_ID}.py"), dags / f"{DAG_ID}.py")
@@ -68,9 +75,9 @@ def deployment(tmp_path_factory):
     with airflow_deployment(str(base / "airflow"), dags_folder=str(dags), plugins_folder=os.path.join(ROOT, "plugins"),
                             env=env) as airflow:
         # runs dated 2 and 3 March stand for the days before: [1 March, 2 March) and [2 March, 3 March);
-        # one epoch of the embedded search keeps the two trainings short
+        # one configuration of the embedded search, one epoch, keeps the two trainings short
         airflow.cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2024-03-02", "--to-date", "2024-03-03",
-                    "--dag-run-conf", json.dumps({"num_epochs": 1}))
+                    "--dag-run-conf", json.dumps({"num_epochs": 1, "search_space": ONE_MODEL}))
         airflow.trigger(DAG_ID, "mistyped", {"num_epoch": 1})
         airflow.start_components()
         backfill = [r["run_id"] for r in airflow.runs(DAG_ID) if r["run_type"] == "backfill"]
@@ -128,6 +135,9 @@ def test_scheduled_run_with_nothing_new_costs_nothing(deployment):
     (run_id,) = deployment["scheduled"]
     tis = deployment["tis"][run_id]
     assert tis["plan"]["state"] == "success"
+    logs = glob.glob(os.path.join(deployment["log_root"], f"dag_id={DAG_ID}", f"run_id={run_id}", "task_id=convert",
+                                  "*.log"))
+    assert logs and "answered without starting Spark" in open(logs[0]).read()
     assert {t: tis[t]["state"] for t in ("split", "train", "export", "predict")} == {
         t: "skipped" for t in ("split", "train", "export", "predict")}
 
