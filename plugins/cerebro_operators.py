@@ -97,6 +97,10 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
         result_file = os.path.join(result_dir, f"{self.task_id}.json")
         self.application_args = ["--result-file", result_file, self.step, *[str(a) for a in self.step_args]]
         _put_spark_submit_on_path()
+        from cerebro_tasks.cli import error_file
+
+        if os.path.exists(error_file(result_file)):  # an earlier attempt's, in a result_dir of the user's
+            os.remove(error_file(result_file))
         try:
             try:
                 super().execute(context)
