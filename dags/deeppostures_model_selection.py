@@ -1,7 +1,8 @@
 """DeepPostures (CHAP) model selection with Model Hopper Parallelism on Spark.
 
     check_params -> convert -> plan -> split -> train (MOP) -> export -> predict
-                                  \_________________________________/
+                                |                                         ^
+                                +-----------------------------------------+
 
 Runs daily at 00:00 UTC, and whenever `deeppostures_ingest` announces new data (the
 `deeppostures_windows` Asset). A scheduled or backfill run for the data interval [start, end)
