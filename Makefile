@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cerebro-installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench clean-demo
+.PHONY: setup setup-postgres demo test test-fast bench clean-demo
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	  $(PY) -m pip check; \
 	  echo "installed the pinned stack into $(VENV) in $$(( $$(date +%s) - start )) s"
 	@touch $@
+
+# Airflow's metadata database on Postgres (README, "A real metadata database"): the pinned driver
+setup-postgres: setup
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt psycopg2-binary asyncpg
+	$(PY) -m pip check
 
 demo: setup
 	@scripts/demo

@@ -3,10 +3,12 @@
     cerebro-tasks synth   --out H5_ROOT --subjects N --days D --seed S [--windows-per-day K]
     cerebro-tasks convert --input H5_ROOT --output DATASET_URL [--fail-fast] [--timezone ZONE] [--label-map JSON]
     cerebro-tasks split   --dataset DATASET_URL --output PREPARED_URL --workers W [--seed S] [--val-fraction F]
+                          [--as-of ISO]   (the dataset as it was then: files that had arrived before it)
     cerebro-tasks train   --config CONFIG.json            (MOP model selection; resumes a run id)
     cerebro-tasks export  --run RUN_URL --output EXPORT_URL [--top-k K]
     cerebro-tasks predict --dataset DATASET_URL --model EXPORT_FOLDER --predictions DIR --model-name NAME
                           [--padding drop|zero|wrap] [--no-segment] [--output-label] [--label-map JSON]
+                          [--which all|new|arrived] [--as-of ISO] [--since ISO]
 
 Each prints a JSON summary on stdout. Spark steps use `--master` (default: $SPARK_MASTER, else
 local[2]; local[W,3] for train); in a deployment the Airflow operators submit the same code with
@@ -56,11 +58,36 @@ def cmd_convert(args: argparse.Namespace) -> Any:
                    timezone=args.timezone or None, label_map=args.label_map or None)
 
 
+def _instant_ns(text: str | None) -> int | None:
+    from cerebro_tasks.deeppostures.arrivals import to_ns
+
+    if text in (None, ""):
+        return None
+    try:
+        return to_ns(text)
+    except ValueError:
+        raise ValueError(f"expected an ISO-8601 instant such as 2024-03-02T00:00:00+00:00, got {text!r}") from None
+
+
+def answer_without_spark(args: argparse.Namespace) -> Any | None:
+    """A step's result when it can be known without starting Spark, else None.
+
+    `convert` with nothing new answers from the manifest and a listing (an hourly ingest mostly
+    finds nothing); the Airflow operators ask the same before spark-submit.
+    """
+    if args.command == "convert" and not args.fail_fast:
+        from cerebro_tasks.deeppostures.nothing_new import unchanged_report
+
+        return unchanged_report(args.input, args.output)
+    return None
+
+
 def cmd_split(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.split import write_split
 
     return write_split(args.dataset, args.output, workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
-                       test_fraction=args.test_fraction, spark=_spark(args, "cerebro-split"))
+                       test_fraction=args.test_fraction, spark=_spark(args, "cerebro-split"),
+                       as_of_ns=_instant_ns(args.as_of))
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
@@ -93,10 +120,14 @@ def cmd_export(args: argparse.Namespace) -> Any:
 def cmd_predict(args: argparse.Namespace) -> Any:
     from cerebro_tasks.jobs.predict import predict
 
+    as_of, since = _instant_ns(args.as_of), _instant_ns(args.since)
+    if (args.which == "arrived") != (since is not None) or (since is not None and as_of is None):
+        raise ValueError("--which arrived goes with --since and --as-of (the interval the subjects arrived in)")
     return predict(_spark(args, "cerebro-predict"), dataset_url=args.dataset, model_url=args.model,
                    predictions_url=args.predictions, model_name=args.model_name, subjects=args.subjects,
                    only_new=args.which == "new", padding=args.padding, include_label=args.include_label,
-                   include_segment=args.segment, label_map=args.label_map or None)
+                   include_segment=args.segment, label_map=args.label_map or None,
+                   as_of_ns=as_of, arrived_since_ns=since)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2019)
     p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--as-of", default=None, help="ISO instant: split the dataset as it was then (files arrived before it)")
 
     p = add("train", cmd_train, "model selection with MOP (resumes a run with the same run id)")
     p.add_argument("--config", required=True, help="run configuration: JSON text or a path to a JSON file")
@@ -157,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--subjects", nargs="*", default=None, help="only these subjects (default: every subject)")
-    p.add_argument("--which", choices=["all", "new"], default="all",
-                   help="new: skip subjects an earlier run already predicted (<predictions>/_predicted_subjects.json)")
+    p.add_argument("--which", choices=["all", "new", "arrived"], default="all",
+                   help="new: skip subjects an earlier run already predicted (<predictions>/_predicted_subjects.json); "
+                        "arrived: the subjects with a file arriving in [--since, --as-of)")
+    p.add_argument("--as-of", default=None, help="ISO instant: the dataset as it was then (files arrived before it)")
+    p.add_argument("--since", default=None, help="ISO instant: start of the arrival interval (--which arrived)")
     p.add_argument("--padding", default="drop", choices=["drop", "zero", "wrap"],
                    help="a segment's tail shorter than the model's window: drop it, pad with zero windows, or wrap")
     p.add_argument("--output-label", "--include-label", dest="include_label", action=argparse.BooleanOptionalAction,
@@ -170,29 +205,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def step_errors() -> tuple[type[BaseException], ...]:
+    """What a step raises for bad input, a missing file, a busy dataset or a cluster without
+    enough slots: reported as one clear line, not a traceback."""
     from cerebro_tasks.deeppostures.convert import ConversionError
     from cerebro_tasks.mop.runtime import MopError
     from cerebro_tasks.storage.store import LockedError
 
+    return ValueError, OSError, LockedError, ConversionError, MopError
+
+
+def describe_error(command: str, error: BaseException) -> dict[str, Any]:
+    """A step's failure as the operator reads it back: the one-line message and whether a retry may help."""
+    return {"error": f"cerebro-tasks {command}: error: {error}", "retryable": retryable(error)}
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        result = args.fn(args)
+        result = answer_without_spark(args)
+        if result is None:
+            result = args.fn(args)
         _print(result)
         if args.result_file:
             from cerebro_tasks.storage.store import Store
 
             folder, name = os.path.split(args.result_file.rstrip("/"))
             Store(folder or ".").write_json(result, name)
-    except (ValueError, OSError, LockedError, ConversionError, MopError) as e:
+    except step_errors() as e:
         if args.verbose:  # -v: the whole story, for a bug report
             raise
-        # bad input, a missing file, a busy dataset, a cluster without enough slots: one clear line
-        print(f"cerebro-tasks {args.command}: error: {e}", file=sys.stderr)
+        failure = describe_error(args.command, e)
+        print(failure["error"], file=sys.stderr)
+        if args.result_file:
+            from cerebro_tasks.storage.store import Store
+
+            folder, name = os.path.split(error_file(args.result_file))
+            Store(folder or ".").write_json(failure, name)
         return 2
     return 0
+
+
+def error_file(result_file: str) -> str:
+    """Where a failed step leaves its one-line error for the Airflow operator (beside the result)."""
+    return result_file.rstrip("/") + ".error"
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether running the step again could succeed: a busy dataset, a cluster that lost workers,
+    a failed Spark job or an I/O hiccup may pass; bad input or configuration never will."""
+    from cerebro_tasks.deeppostures.convert import ConversionError
+    from cerebro_tasks.mop.runtime import MopError
+    from cerebro_tasks.storage.store import LockedError
+
+    if isinstance(error, (LockedError, MopError, ConversionError)):
+        return True
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return False
+    return isinstance(error, OSError)
 
 
 if __name__ == "__main__":

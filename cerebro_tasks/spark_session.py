@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Mapping
 
-__all__ = ["get_spark", "LOCAL_DEFAULTS"]
+__all__ = ["get_spark", "LOCAL_DEFAULTS", "local_task_slots"]
 
 # Only applied when this process creates the session. Why each one:
 LOCAL_DEFAULTS: dict[str, str] = {
@@ -54,6 +55,23 @@ def get_spark(app_name: str = "cerebro-tasks", master: str | None = None,
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CEREBRO_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+_LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
+
+
+def local_task_slots(master: str) -> int | None:
+    """How many tasks a local master runs at once (`local` 1, `local[4]` / `local[4,3]` 4,
+    `local[*]` the machine's cores); None for a cluster master, whose slots only the cluster knows.
+
+    MOP's barrier stage needs one slot per worker at once: with fewer it waits, then fails.
+    """
+    match = _LOCAL_MASTER.match(master.strip())
+    if match is None:
+        return None
+    if match.group(1) is None:
+        return 1
+    return (os.cpu_count() or 1) if match.group(1) == "*" else int(match.group(1))
 
 
 def _export_project_path() -> None:

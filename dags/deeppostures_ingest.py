@@ -2,8 +2,10 @@
 
     convert -> announce (emits the `deeppostures_windows` Asset only if the dataset changed)
 
-Runs hourly. The conversion is incremental (a run with nothing new does no conversion work), so
-frequent runs are cheap; `deeppostures_model_selection` is triggered by the Asset event.
+Runs hourly. The conversion is incremental, and a run with nothing new answers from the manifest
+and a file listing without starting Spark, so frequent runs cost next to nothing;
+`deeppostures_model_selection` is triggered by the Asset event, whose `extra` says what changed
+(dataset version, new subjects, files converted and removed).
 """
 
 from __future__ import annotations
@@ -36,17 +38,21 @@ with DAG(
         step_args=["--input", "{{ params.h5_root }}", "--output", "{{ params.dataset_url }}",
                    "--timezone", "{{ params.timezone or '' }}",
                    "--label-map", "{{ (params.label_map | tojson) if params.label_map else '' }}"],
-        xcom_keys=["dataset_url", "files", "windows", "subjects", "version", "seconds"],
+        xcom_keys=["dataset_url", "files", "windows", "subjects", "new_subjects", "version", "seconds"],
     )
 
     @task(outlets=[WINDOWS_DATASET])
-    def announce(report: dict) -> dict:
-        """Skipped (no Asset event) when the run converted or removed nothing."""
+    def announce(report: dict, outlet_events=None) -> dict:
+        """Skipped (no Asset event) when the run converted or removed nothing; else the event's
+        `extra` carries what the conversion did."""
         files = report.get("files", {})
         changed = files.get("converted", 0) + files.get("removed", 0)
         if not changed:
             raise AirflowSkipException("no new, changed or deleted H5 files: nothing to announce")
-        return {"converted": files.get("converted", 0), "removed": files.get("removed", 0),
-                "version": report.get("version"), "windows": report.get("windows", {}).get("total")}
+        extra = {"dataset_version": report.get("version"), "new_subjects": report.get("new_subjects", []),
+                 "converted_files": files.get("converted", 0), "removed_files": files.get("removed", 0),
+                 "windows": report.get("windows", {}).get("total")}
+        outlet_events[WINDOWS_DATASET].extra = extra
+        return extra
 
     announce(convert.output)

@@ -18,6 +18,7 @@ from importlib.util import find_spec
 from typing import Any, Sequence
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 
 def spark_entry_path() -> str:
@@ -31,6 +32,25 @@ def spark_entry_path() -> str:
 def safe_run_id(run_id: str) -> str:
     """An Airflow run id (`manual__2024-03-04T00:00:00+00:00`) as a folder-safe id."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_.") or "run"
+
+
+def spark_task_slots(conn_id: str = "spark_default") -> tuple[int | None, str]:
+    """How many tasks the Spark connection's master runs at once, and that master.
+
+    A local master says it (`local[2,3]`: 2); a cluster's slots are known only when the
+    connection's extra holds `task_slots` (e.g. `{"task_slots": 8}`), else None: the MOP driver
+    then fails after its start timeout naming the slots it needs.
+    """
+    from airflow.sdk import BaseHook
+
+    from cerebro_tasks.spark_session import local_task_slots
+
+    conn = BaseHook.get_connection(conn_id)
+    master = f"{conn.host}:{conn.port}" if conn.port else str(conn.host or "")
+    slots = local_task_slots(master)
+    if slots is None and conn.extra_dejson.get("task_slots") is not None:
+        slots = int(conn.extra_dejson["task_slots"])
+    return slots, master
 
 
 class CerebroSparkSubmitOperator(SparkSubmitOperator):
@@ -62,14 +82,30 @@ class CerebroSparkSubmitOperator(SparkSubmitOperator):
         self.xcom_keys = list(xcom_keys) if xcom_keys is not None else None
 
     def execute(self, context: Any) -> Any:
+        from cerebro_tasks.cli import answer_without_spark, build_parser, describe_error, step_errors
+
+        try:
+            known = answer_without_spark(build_parser().parse_args([self.step, *[str(a) for a in self.step_args]]))
+        except step_errors() as err:
+            raise failure_exception(describe_error(self.step, err)) from None
+        if known is not None:
+            self.log.info("cerebro-tasks %s: answered without starting Spark: %s", self.step, known)
+            return self.summarise(known)
         self.application = self.application or spark_entry_path()
         own_dir = self.result_dir is None
         result_dir = self.result_dir or tempfile.mkdtemp(prefix=f"cerebro-{self.step}-")
         result_file = os.path.join(result_dir, f"{self.task_id}.json")
         self.application_args = ["--result-file", result_file, self.step, *[str(a) for a in self.step_args]]
         _put_spark_submit_on_path()
+        from cerebro_tasks.cli import error_file
+
+        if os.path.exists(error_file(result_file)):  # an earlier attempt's, in a result_dir of the user's
+            os.remove(error_file(result_file))
         try:
-            super().execute(context)
+            try:
+                super().execute(context)
+            except AirflowException as err:
+                raise step_failure(result_file) or err
             with open(result_file) as f:
                 result = json.load(f)
         finally:
@@ -147,6 +183,27 @@ class MOPTrainingOperator(CerebroSparkSubmitOperator):
                 self.conf.setdefault("spark.executor.resource.gpu.discoveryScript", self.gpu_discovery_script)
         self.step_args = ["--config", json.dumps(config, sort_keys=True)]
         return super().execute(context)
+
+
+def step_failure(result_file: str) -> AirflowException | None:
+    """The step's own one-line error as the task's failure, or None when the step left none (it
+    crashed, or spark-submit failed before the step ran).
+
+    Bad input or configuration cannot succeed on a retry: AirflowFailException ends the task at
+    once; the rest (a busy dataset, a lost cluster) stays retryable.
+    """
+    from cerebro_tasks.cli import error_file
+
+    try:
+        with open(error_file(result_file)) as f:
+            return failure_exception(json.load(f))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def failure_exception(failure: dict[str, Any]) -> AirflowException:
+    """`cerebro_tasks.cli.describe_error`'s record as the exception that fails the task."""
+    return (AirflowException if failure.get("retryable") else AirflowFailException)(failure["error"])
 
 
 def _put_spark_submit_on_path() -> None:

@@ -139,6 +139,15 @@ def test_backfill_second_date_adds_subjects(dag_run, airflow_env):
     proc = run(["airflow", "dags", "test", "deeppostures_ingest", "2024-03-06T01:00:00+00:00"], airflow_env)
     log = proc.stdout + proc.stderr
     assert "'converted': 4" in log and "nothing to announce" not in log
+    # the Asset event says what the ingest converted
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{airflow_env['AIRFLOW_HOME']}/airflow.db?mode=ro", uri=True)
+    (extra,) = con.execute("SELECT extra FROM asset_event ORDER BY id DESC LIMIT 1").fetchone()
+    con.close()
+    extra = json.loads(extra)
+    assert extra["new_subjects"] == ["S0007", "S0008"] and extra["converted_files"] == 4
+    assert extra["dataset_version"] >= 2
     dags_test("2024-03-06", CONF, airflow_env)
     second_run = open(f"{home}/exports/LATEST").read().strip()
     assert second_run != first_run

@@ -585,6 +585,7 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
         "windows": {"total": sum(int(e["windows"]) for e in new_files.values()),
                     "converted": sum(int(r["windows"]) for r in converted)},
         "subjects": len({e["subject"] for e in new_files.values()}),
+        "new_subjects": sorted({r["subject"] for r in converted} - {e["subject"] for e in old_files.values()}),
         "removed": removed,
         "quarantine": quarantine_list,
         "timezone": zone,

@@ -10,6 +10,11 @@ plain `keras.saving.load_model` in a Python that never imported this package. Wi
 models left out) are exported too, as `ensemble/<rank>-<model_id>.keras`; the prediction step then
 writes their majority vote per window, like DeepPostures' published CHAP model (three models,
 BiLSTM windows 9, 9 and 7 minutes). `metadata.json` says which models vote (`ensemble`).
+
+Each export records `as_of`: the instant of the data it was trained on (a DAG run's data interval
+end). LATEST only moves forward in that order, so a backfill of past dates that finishes after a
+newer run leaves LATEST on the newer model; the model in force at an instant is the export with
+the latest `as_of` not after it (:func:`model_in_force`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from cerebro_tasks.deeppostures.arrivals import to_ns
 from cerebro_tasks.storage.store import Store
 from cerebro_tasks.storage import layout
 
@@ -101,9 +107,13 @@ def _load_for_export(checkpoint_url: str) -> Any:
         return keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
 
 
-def export_best(run_url: str, export_url: str, top_k: int = 1) -> dict[str, Any]:
+def export_best(run_url: str, export_url: str, top_k: int = 1, as_of: str | None = None) -> dict[str, Any]:
     """Export the model named in `<run>/result.json` (and with `top_k` > 1 the next best, for a
-    majority vote); returns the small summary (XCom)."""
+    majority vote); returns the small summary (XCom).
+
+    `as_of` (ISO-8601; default: now) is the instant of the data the run trained on; LATEST moves
+    to this export only when no export with a later `as_of` holds it (`latest` in the summary).
+    """
     run = Store(run_url)
     result = run.read_json(layout.RESULT)
     config = run.read_json(layout.CONFIG)["config"]
@@ -138,6 +148,8 @@ def export_best(run_url: str, export_url: str, top_k: int = 1) -> dict[str, Any]
                         for i, (m, mdl) in enumerate(zip(members, models))],
         },
     }
+    meta["as_of"] = as_of or meta["exported_at"]
+    to_ns(meta["as_of"])  # a malformed instant fails here, before anything is published
     export = Store(export_url)
     with tempfile.TemporaryDirectory() as d:
         model.save(os.path.join(d, "model.keras"))
@@ -149,10 +161,50 @@ def export_best(run_url: str, export_url: str, top_k: int = 1) -> dict[str, Any]
         with open(os.path.join(d, "metadata.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
         export.put_tree(d, result["run_id"])
-    export.write_bytes((result["run_id"] + "\n").encode(), LATEST)
+    moved = move_latest(export_url, result["run_id"])
     return {"export_url": export.url_of(result["run_id"]), "model_id": meta["model_id"], "params": meta["params"],
-            "metric": meta["metric"], "value": meta["value"],
+            "metric": meta["metric"], "value": meta["value"], "as_of": meta["as_of"], "latest": moved,
             "ensemble": [m["model_id"] for m in meta["ensemble"]["members"]]}
+
+
+def move_latest(export_url: str, run_id: str) -> bool:
+    """Point LATEST at the export `run_id` unless it names one with a later `as_of`; True if moved."""
+    export = Store(export_url)
+    new = _export_as_of(export, run_id)
+    if new is None:
+        raise ValueError(f"{export.url_of(run_id)}: expected an export with metadata.json and its as_of")
+    with export.lock(LATEST + ".lock", wait_s=60.0, poll_s=0.2):  # two runs exporting at once
+        current = _export_as_of(export, export.read_bytes(LATEST).decode().strip()) if export.exists(LATEST) else None
+        if current is not None and to_ns(current) > to_ns(new):
+            return False
+        export.write_bytes((run_id + "\n").encode(), LATEST)
+        return True
+
+
+def _export_as_of(export: Any, run_id: str) -> str | None:
+    """An export's `as_of` (None when it has no metadata: then any new export supersedes it)."""
+    if not export.exists(run_id, "metadata.json"):
+        return None
+    meta = export.read_json(run_id, "metadata.json")
+    value = meta.get("as_of") or meta.get("exported_at")  # exports made before `as_of` existed
+    try:
+        to_ns(value)
+    except (TypeError, ValueError):
+        return None
+    return value
+
+
+def model_in_force(export_url: str, as_of: str) -> str | None:
+    """The export a run whose data is as of `as_of` predicts with when it does not retrain: the one
+    with the latest `as_of` not after it (ties: the later run id). None when there is none."""
+    export = Store(export_url)
+    limit = to_ns(as_of)
+    best: tuple[int, str] | None = None
+    for run_id in export.listdir():
+        value = _export_as_of(export, run_id)
+        if value is not None and to_ns(value) <= limit and (best is None or (to_ns(value), run_id) > best):
+            best = (to_ns(value), run_id)
+    return export.url_of(best[1]) if best else None
 
 
 def latest_export(export_url: str) -> str:

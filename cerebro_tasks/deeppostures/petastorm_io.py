@@ -391,11 +391,13 @@ def read_petastorm_metadata(dataset_url: str) -> tuple[object | None, dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def dataset_files(dataset_url: str, *, subjects: Sequence[str] | None = None) -> list[str]:
+def dataset_files(dataset_url: str, *, subjects: Sequence[str] | None = None,
+                  as_of_ns: int | None = None) -> list[str]:
     """Filesystem paths of the data files of a dataset, in reading order.
 
     A converted dataset (with ``_cerebro_manifest.json``): exactly the files its manifest lists,
-    ordered by (subject, date), only those of ``subjects`` when given. Otherwise every visible
+    ordered by (subject, date), only those of ``subjects`` when given, only those that had
+    arrived before ``as_of_ns`` when given (:mod:`cerebro_tasks.deeppostures.arrivals`). Otherwise every visible
     file of the folder (names starting with ``_`` or ``.`` are metadata, checksums or in-flight
     writes), sorted by name as Petastorm does (``subjects`` is then applied by the reader).
     A URL naming a single Parquet file is that file.
@@ -407,8 +409,11 @@ def dataset_files(dataset_url: str, *, subjects: Sequence[str] | None = None) ->
     if info.type == pafs.FileType.File:
         return [store.path()]
     if store.exists(MANIFEST_NAME):
+        from cerebro_tasks.deeppostures.arrivals import files_as_of
+
         manifest = store.read_json(MANIFEST_NAME)
-        entries = sorted(manifest.get("files", {}).values(), key=lambda e: (e["subject"], e["date"]))
+        entries = sorted(files_as_of(manifest.get("files", {}), as_of_ns).values(),
+                         key=lambda e: (e["subject"], e["date"]))
         if subjects is not None:
             wanted = set(subjects)
             entries = [e for e in entries if e["subject"] in wanted]
@@ -416,6 +421,9 @@ def dataset_files(dataset_url: str, *, subjects: Sequence[str] | None = None) ->
     selector = pafs.FileSelector(store.path(), recursive=False)
     names = sorted(posixpath.basename(i.path) for i in store.fs.get_file_info(selector)
                    if i.type == pafs.FileType.File)
+    if as_of_ns is not None:
+        raise ValueError(f"{dataset_url}: a dataset as of an instant needs the conversion manifest "
+                         f"({MANIFEST_NAME}), which records when each file arrived")
     return [store.path(n) for n in names if not n.startswith(("_", "."))]
 
 
@@ -469,7 +477,7 @@ def _sort_by_id_time(table: pa.Table) -> pa.Table:
 
 
 def read_windows(url: str, *, columns: Sequence[str] | None = None,
-                 subjects: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                 subjects: Sequence[str] | None = None, as_of_ns: int | None = None) -> dict[str, np.ndarray]:
     """All rows of a dataset or partition as numpy arrays, ordered by (id, time).
 
     Returns ``{"id": (N,) object str, "time": (N,) int64, "data": (N, 100, 3) float32,
@@ -477,7 +485,8 @@ def read_windows(url: str, *, columns: Sequence[str] | None = None,
     ``time`` are read anyway for the ordering). Reads our storage and the published example's
     (NdarrayCodec) and plain list columns alike; column-wise, no per-row Python work.
     With ``subjects``, only their rows: files of other subjects are skipped when the manifest
-    says which subject a file holds, and row groups by their ``id`` statistics otherwise.
+    says which subject a file holds, and row groups by their ``id`` statistics otherwise. With
+    ``as_of_ns``, only the files that had arrived before it (see :func:`dataset_files`).
     """
     wanted = list(columns) if columns is not None else list(FIELDS)
     unknown = [c for c in wanted if c not in FIELDS]
@@ -486,10 +495,11 @@ def read_windows(url: str, *, columns: Sequence[str] | None = None,
     store = Store(url)
     to_read = list(dict.fromkeys(["id", "time", *wanted]))
     if subjects is None:
-        tables = [_read_file(store.fs, p, to_read) for p in dataset_files(url)]
+        tables = [_read_file(store.fs, p, to_read) for p in dataset_files(url, as_of_ns=as_of_ns)]
     else:
         keep = sorted(set(map(str, subjects)))
-        tables = [_read_subjects(store.fs, p, to_read, keep) for p in dataset_files(url, subjects=keep)]
+        tables = [_read_subjects(store.fs, p, to_read, keep)
+                  for p in dataset_files(url, subjects=keep, as_of_ns=as_of_ns)]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return _empty_windows(wanted)

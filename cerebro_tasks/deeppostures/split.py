@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cerebro_tasks.deeppostures import petastorm_io as pio
+from cerebro_tasks.deeppostures.arrivals import files_as_of
 from cerebro_tasks.storage.store import Store
 
 __all__ = ["SPLITS", "subject_unit", "assign_split", "assign_splits", "balance_partitions",
@@ -137,7 +138,7 @@ def read_split(prepared_url: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _dataset_inventory(dataset_url: str, spark) -> tuple[dict[str, dict], str]:
+def _dataset_inventory(dataset_url: str, spark, as_of_ns: int | None = None) -> tuple[dict[str, dict], str]:
     """``{subject: {"windows", "usable", "files": [paths]}}`` and a version key of the dataset.
 
     A converted dataset answers from its manifest (no data read). Any other Petastorm dataset
@@ -145,17 +146,17 @@ def _dataset_inventory(dataset_url: str, spark) -> tuple[dict[str, dict], str]:
     executors, reading only the id, flag and label columns.
     """
     store = Store(dataset_url)
-    files = pio.dataset_files(dataset_url)
+    files = pio.dataset_files(dataset_url, as_of_ns=as_of_ns)
     if store.exists(pio.MANIFEST_NAME):
-        manifest = store.read_json(pio.MANIFEST_NAME)
+        live = files_as_of(store.read_json(pio.MANIFEST_NAME)["files"], as_of_ns)
         inventory: dict[str, dict] = {}
-        for entry in sorted(manifest["files"].values(), key=lambda e: (e["subject"], e["date"])):
+        for entry in sorted(live.values(), key=lambda e: (e["subject"], e["date"])):
             acc = inventory.setdefault(entry["subject"], {"windows": 0, "usable": 0, "files": []})
             acc["windows"] += int(entry["windows"])
             acc["usable"] += int(entry["usable"])
             acc["files"].append(store.path(entry["part"]))
         version = hashlib.sha256(json.dumps(
-            sorted((e["part"], e["windows"]) for e in manifest["files"].values())).encode()).hexdigest()
+            sorted((e["part"], e["windows"]) for e in live.values())).encode()).hexdigest()
         return inventory, version
 
     infos = store.fs.get_file_info(files)
@@ -255,13 +256,15 @@ def _write_subject(task: dict) -> dict:
 
 
 def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
-                val_fraction: float = 0.3, test_fraction: float = 0.0, spark=None) -> dict:
+                val_fraction: float = 0.3, test_fraction: float = 0.0, spark=None,
+                as_of_ns: int | None = None) -> dict:
     """Split a windows dataset by subject and write balanced partitions for ``workers`` workers.
 
     Returns the report also stored as ``<prepared>/split.json``: subjects per split and per
     partition, windows and usable windows per partition, ``imbalance`` (max/mean - 1 of usable
     windows) per split, realised fractions, ``reused`` (True when an identical split was already
-    there and nothing was written) and ``seconds``.
+    there and nothing was written) and ``seconds``. With ``as_of_ns``, the dataset as it was then:
+    only the files that had arrived before it (:mod:`cerebro_tasks.deeppostures.arrivals`).
     """
     started = time.perf_counter()
     _check_fractions(val_fraction, test_fraction)
@@ -273,7 +276,7 @@ def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
 
         spark = get_spark("cerebro-split")
 
-    inventory, version = _dataset_inventory(dataset_url, spark)
+    inventory, version = _dataset_inventory(dataset_url, spark, as_of_ns)
     if not inventory:
         raise ValueError(f"{dataset_url}: expected windows of at least one subject, found none")
     key = {"format": _FORMAT, "dataset_version": version, "seed": int(seed), "workers": workers,

@@ -46,7 +46,8 @@ def _load_models(model_url: str) -> list[Any]:
 
 def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: str, out_url: str, padding: str,
                       include_label: bool, batch_size: int, include_segment: bool = True,
-                      label_map: dict[str, int] | None = None, timezone: str = "UTC") -> Iterator[dict[str, Any]]:
+                      label_map: dict[str, int] | None = None, timezone: str = "UTC",
+                      as_of_ns: int | None = None) -> Iterator[dict[str, Any]]:
     """Predict a group of subjects inside one Spark task; yields one summary row per subject."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import pyarrow as pa
@@ -66,7 +67,7 @@ def predict_partition(subjects: Iterable[str], *, dataset_url: str, model_url: s
     out = Store(out_url)
     for subject in subjects:
         started = time.time()
-        table = read_windows(dataset_url, subjects=[subject])
+        table = read_windows(dataset_url, subjects=[subject], as_of_ns=as_of_ns)
         df = predict_subject_ensemble(table, members, padding=padding, include_label=include_label,
                                       include_segment=include_segment, batch_size=batch_size, timezone=timezone,
                                       label_map=names)
@@ -125,11 +126,11 @@ def _check_classes(model_url: str, label_map: dict[str, int]) -> None:
                          f"outputs {outputs}")
 
 
-def list_subjects(dataset_url: str) -> list[str]:
-    """Subject ids present in the windows dataset (a Parquet read of one column)."""
+def list_subjects(dataset_url: str, as_of_ns: int | None = None) -> list[str]:
+    """Subject ids present in the windows dataset (a Parquet read of one column), as of an instant."""
     from cerebro_tasks.deeppostures.petastorm_io import read_windows
 
-    ids = read_windows(dataset_url, columns=["id"])["id"]
+    ids = read_windows(dataset_url, columns=["id"], as_of_ns=as_of_ns)["id"]
     return sorted({str(s) for s in ids})
 
 
@@ -139,15 +140,20 @@ LEDGER = "_predicted_subjects.json"
 def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: str, model_name: str,
             subjects: list[str] | None = None, only_new: bool = False, padding: str = "drop",
             include_label: bool = False, batch_size: int = 256, include_segment: bool = True,
-            label_map: dict[str, int] | str | None = None) -> dict[str, Any]:
+            label_map: dict[str, int] | str | None = None, as_of_ns: int | None = None,
+            arrived_since_ns: int | None = None) -> dict[str, Any]:
     """Write CHAP predictions for `subjects` (default: every subject in the dataset).
 
     With `only_new`, subjects already predicted by an earlier run (the ledger
-    `<predictions>/_predicted_subjects.json`) are skipped: a scheduled or backfill run predicts
-    the subjects that arrived since, whichever DAG converted them. `include_segment=False` leaves
-    the segment column out (DeepPostures' `--no-segment`); `label_map` names the classes (default:
-    the dataset's); it must have as many classes as the model has outputs.
+    `<predictions>/_predicted_subjects.json`) are skipped: a manual or Asset-triggered run
+    predicts the subjects that arrived since, whichever DAG converted them. With `as_of_ns`, the
+    dataset as it was then (files that had arrived before it); with `arrived_since_ns` too, the
+    subjects with a file arriving in [arrived_since_ns, as_of_ns): what a scheduled or backfill
+    run for that interval predicts (`cerebro_tasks.deeppostures.arrivals`). `include_segment=False`
+    leaves the segment column out (DeepPostures' `--no-segment`); `label_map` names the classes
+    (default: the dataset's); it must have as many classes as the model has outputs.
     """
+    from cerebro_tasks.deeppostures.arrivals import arrived_subjects, manifest_files
     from cerebro_tasks.deeppostures.classes import check_label_map
     from cerebro_tasks.deeppostures.convert import dataset_study
     from cerebro_tasks.deeppostures.sequences import PADDING_MODES
@@ -161,7 +167,12 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
     started = time.time()
     root = Store(predictions_url)
     ledger = root.read_json(LEDGER) if root.exists(LEDGER) else {"subjects": {}}
-    present = list_subjects(dataset_url)
+    present = list_subjects(dataset_url, as_of_ns)
+    if arrived_since_ns is not None:
+        if as_of_ns is None:
+            raise ValueError("arrived_since_ns: needs as_of_ns, the end of the interval")
+        arrived = arrived_subjects(manifest_files(dataset_url), arrived_since_ns, as_of_ns)
+        subjects = sorted(set(subjects) & set(arrived)) if subjects is not None else arrived
     if subjects is not None:
         unknown = sorted(set(subjects) - set(present))
         if unknown:
@@ -181,7 +192,7 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
                                                             out_url=out_url, padding=padding,
                                                             include_label=include_label, batch_size=batch_size,
                                                             include_segment=include_segment, label_map=label_map,
-                                                            timezone=study["timezone"]))
+                                                            timezone=study["timezone"], as_of_ns=as_of_ns))
                 .collect())
     seconds = time.time() - started
     predicted = sum(r["predicted"] for r in rows)
