@@ -78,7 +78,8 @@ def answer_without_spark(args: argparse.Namespace) -> Any | None:
     if args.command == "convert" and not args.fail_fast:
         from cerebro_tasks.deeppostures.nothing_new import unchanged_report
 
-        return unchanged_report(args.input, args.output)
+        return unchanged_report(args.input, args.output, timezone=args.timezone or None,
+                                label_map=args.label_map or None)
     return None
 
 

@@ -24,6 +24,7 @@ from cerebro_tasks.deeppostures.convert import (
     STAGING_DIR,
     _gaps,
     _petastorm_metadata_current,
+    _study,
     list_h5_tree,
 )
 from cerebro_tasks.storage.store import Store
@@ -31,9 +32,11 @@ from cerebro_tasks.storage.store import Store
 __all__ = ["unchanged_report"]
 
 
-def unchanged_report(h5_root: str, dataset_url: str) -> dict | None:
+def unchanged_report(h5_root: str, dataset_url: str, timezone: str | None = None,
+                     label_map: dict | str | None = None) -> dict | None:
     """The report of a conversion that would do nothing (``spark: False``), or None when one
-    might do something and the real conversion must run."""
+    might do something and the real conversion must run. A time zone or label map other than the
+    dataset's is refused here as the conversion would refuse it."""
     started = time.perf_counter()
     listed, rejected = list_h5_tree(h5_root)  # first: a missing or unreadable root fails here, clearly
     store = Store(dataset_url)
@@ -43,6 +46,7 @@ def unchanged_report(h5_root: str, dataset_url: str) -> dict | None:
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("h5_root") != h5_root \
             or manifest.get("row_group_rows") != pio.DEFAULT_ROW_GROUP_ROWS:
         return None
+    _study(manifest, store, timezone, label_map)  # the study asked for must be the one converted
     old_files: dict[str, dict] = manifest["files"]
     old_quarantine: dict[str, dict] = manifest.get("quarantine", {})
 
