@@ -181,6 +181,7 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "utilisation": result.figures.get("utilisation"),
         "hop_overhead": result.figures.get("hop_overhead"),
+        "hop_cost": result.figures.get("hop_cost"),
         "units_run": result.units_run,
     }
     run.write_json(out, layout.RESULT)

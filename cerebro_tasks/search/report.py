@@ -47,12 +47,19 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"wall {summary['wall_s']:.1f} s",
              f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
              f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s",
+             f"- true hop cost {_ratio(fig.get('hop_cost'))} (a unit whose model hopped in, over the same unit on a "
+             f"model that stayed; model already built on the worker {_ratio(fig.get('hop_cost_warm'))}, built there "
+             f"for the unit {_ratio(fig.get('hop_cost_cold'))})",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get("rank"), r["model_id"], *(r["params"].get(n) for n in names), r.get("epochs"), r.get(key),
                  r.get(best_key), r.get("train_seconds")]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def _fmt(v: Any) -> str:
