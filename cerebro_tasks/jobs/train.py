@@ -117,7 +117,8 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
     driver = MopDriver(spark, workload, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
-                       max_job_attempts=config.max_job_attempts, schedule=config.schedule)
+                       max_job_attempts=config.max_job_attempts, schedule=config.schedule,
+                       model_cache_mb=config.model_cache_mb)
     driver.resume()
     plan = SearchPlan(config)
     for spec in plan.initial(driver.specs):
