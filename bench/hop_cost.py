@@ -72,10 +72,11 @@ def hop_schedule(version: str, params: dict[str, Any], sequences: int, models: i
                  folder: str) -> dict[str, Any]:
     """Every model: 2 train steps on worker 0, 2 on worker 1, 2 on worker 0, ... (`visits` in all).
 
-    Visits 0 and 1 build the model on each worker (cold). On the current code, visits 2 and 3
-    are each worker's first warm visit, which was measured to cost more than later ones once per
-    model and worker although nothing is re-traced (tracing counts stay at 1); visits 4 and after
-    are the steady state.
+    Visits 0 and 1 build the model on each worker (cold); on the current code visits 2 and 3 are
+    each worker's first warm visit and visits 4 and after the steady state. (They differed while
+    every build seeded TensorFlow: ``tf.random.set_seed`` clears TensorFlow's kernel cache, so each
+    warm model re-instantiated its functions once after another model was built; now only a
+    model's very first unit seeds.)
     """
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=sequences, batch_size=16)
     store = Store(os.path.join(folder, f"{version}-{params['amp_factor']}-{sequences}"))

@@ -111,7 +111,10 @@ class UnitRunner:
             return warm, "warm", 0.0
         del warm  # (a model at step 0 is rebuilt: its initial weights come from its seed)
         started = time.time()
-        keras.utils.set_random_seed(spec.seed)
+        if step == 0:
+            # Only for initial weights: seeding TensorFlow clears its kernel cache, which makes every
+            # warm model on this worker pay a re-instantiation of its functions on its next unit.
+            keras.utils.set_random_seed(spec.seed)
         model = self.workload.build_model(spec)
         built = time.time()
         if step > 0:
