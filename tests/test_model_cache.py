@@ -146,8 +146,8 @@ def test_worker_memory_stays_flat_while_models_hop(tmp_path):
             arrivals.append(result.get("arrival"))
         return arrivals
 
-    for _ in range(3):
-        one_round()  # warm-up: every model built, its functions traced (Keras traces twice)
+    for _ in range(2):
+        one_round()  # warm-up: every model built and its train function traced
     before = rss_bytes()
     rounds = 8
     for _ in range(rounds):
