@@ -22,6 +22,12 @@ on ``unit_finished``, as the runtime does.
 
 Run from the repo root: ``python bench/scheduler_sim.py [--reps N]`` (standard library only,
 about 25 s of CPU). Writes ``bench/results/scheduler_sim.json``.
+
+``--scale`` instead measures the driver's cost at cluster scale: the scheduler's CPU time
+(``assign`` + ``unit_finished``, what the driver does per event besides I/O) per dispatched unit
+with W in {64, 256, 512} workers and M up to 4,096 models, over a window of dispatches after
+the first W (goal: <= 1 ms per unit at W = 512, M = 4,096). Writes
+``bench/results/scheduler_scale.json``.
 """
 
 from __future__ import annotations
@@ -124,10 +130,69 @@ def simulate(W: int, epochs: dict[str, int], cost: dict[str, float], seed: int,
             "units": n_units, "result_lag": lag}
 
 
+SCALE_WORKERS = (64, 256, 512)
+SCALE_MODELS = (512, 4096)
+SCALE_GOAL_MS = 1.0
+
+
+def scale_cost(W: int, M: int, units: int, seed: int = 0) -> dict[str, float]:
+    """Scheduler CPU seconds per dispatched unit over `units` dispatches after the first fill."""
+    epochs, cost = workload(M, seed)
+    sched = HopScheduler(W, seed=seed)
+    for m, E in epochs.items():
+        sched.add_model(m, E)
+    for w in range(W):
+        sched.worker_joined(f"w{w}", w)
+    heap: list[tuple[float, str, Unit]] = []
+    for w, u in sched.assign():  # the first fill: W units at once, not the steady state
+        heapq.heappush(heap, (unit_time(u, cost, seed), w, u))
+    cpu = 0.0
+    dispatched = 0
+    while dispatched < units and heap:
+        end, w, u = heapq.heappop(heap)
+        d = unit_time(u, cost, seed)
+        t = time.process_time()
+        sched.unit_finished(w, u, duration=d)
+        assigned = sched.assign()
+        cpu += time.process_time() - t
+        for w2, u2 in assigned:
+            heapq.heappush(heap, (end + unit_time(u2, cost, seed), w2, u2))
+        dispatched += len(assigned)
+    return {"W": W, "M": M, "units": dispatched, "cpu_s": cpu, "ms_per_unit": 1e3 * cpu / max(1, dispatched)}
+
+
+def scale_main(units: int) -> int:
+    rows = []
+    for W in SCALE_WORKERS:
+        for M in SCALE_MODELS:
+            r = scale_cost(W, M, units)
+            rows.append(r)
+            print(f"W={W:>4} M={M:>5}: {r['ms_per_unit']:8.3f} ms scheduler CPU per dispatched unit "
+                  f"({r['units']} units)", flush=True)
+    worst = next(r for r in rows if r["W"] == 512 and r["M"] == 4096)["ms_per_unit"]
+    print(f"goal: <= {SCALE_GOAL_MS} ms per unit at W=512, M=4096: {worst:.2f} ms -> "
+          f"{'met' if worst <= SCALE_GOAL_MS else 'NOT met'}")
+    out = ROOT / "bench" / "results" / "scheduler_scale.json"
+    out.write_text(json.dumps({
+        "bench": "scheduler_scale",
+        "config": {"workers": SCALE_WORKERS, "models": SCALE_MODELS, "units_measured": units,
+                   "policy": "critical (default)", "clock": "time.process_time around unit_finished + assign"},
+        "goal": {"ms_per_unit_at_W512_M4096": worst, "met": worst <= SCALE_GOAL_MS},
+        "rows": rows,
+    }, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=REPS, help="seeds per configuration")
-    reps = ap.parse_args().reps
+    ap.add_argument("--scale", action="store_true", help="driver CPU per unit at W up to 512, M up to 4096")
+    ap.add_argument("--units", type=int, default=400, help="with --scale: dispatches measured per configuration")
+    args = ap.parse_args()
+    if args.scale:
+        return scale_main(args.units)
+    reps = args.reps
     t0 = time.perf_counter()
     rows = []
     for W in WORKERS:

@@ -85,6 +85,8 @@ class TrainConfig:
     max_job_attempts: int = 3
     # "lockstep": same seed, same schedule (mop/lockstep.py); "adaptive": never waits, order follows timing
     schedule: str = "lockstep"
+    # megabytes of built models each worker keeps warm across hops; None: derived from its memory
+    model_cache_mb: float | None = None
 
     @property
     def run_url(self) -> str:
@@ -102,6 +104,9 @@ class TrainConfig:
         _check(isinstance(self.max_job_attempts, int) and self.max_job_attempts >= 1, "max_job_attempts",
                "an integer >= 1", self.max_job_attempts)
         _check(self.schedule in ("lockstep", "adaptive"), "schedule", "'lockstep' or 'adaptive'", self.schedule)
+        _check(self.model_cache_mb is None or isinstance(self.model_cache_mb, (int, float))
+               and not isinstance(self.model_cache_mb, bool) and self.model_cache_mb >= 0, "model_cache_mb",
+               "megabytes >= 0, or null for a default from the worker's memory", self.model_cache_mb)
         self.search.validate()
         return self
 

@@ -33,6 +33,7 @@ def test_round_trip_json():
     ({"search": {"space": {"lr": [1]}, "kind": "random"}}, "search.num_models"),
     ({"search": {"space": {"lr": [1]}, "metric": "loss"}}, "search.metric"),
     ({"search": {"space": {"lr": {"loguniform": [-2, -4]}}}}, "search.space"),
+    ({"model_cache_mb": -1}, "model_cache_mb"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_bad_config_names_the_field(patch, field):

@@ -78,7 +78,8 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
     mop = MopDriver(spark, workload, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
-                    max_job_attempts=config.max_job_attempts, schedule=config.schedule)
+                    max_job_attempts=config.max_job_attempts, schedule=config.schedule,
+                    model_cache_mb=config.model_cache_mb)
     search = search_driver(config, mop)
     search.start()
     log.info("run %s: %s search, %d models x %d epochs on %d workers, selecting on %s (%s, %s)%s", config.run_id,
@@ -115,6 +116,7 @@ def finish(config: TrainConfig, search: SearchDriver, result: Any, seconds: floa
         "utilisation": result.figures.get("utilisation"),
         "hop_overhead": result.figures.get("hop_overhead"),
         "unit_seconds": outcome.summary["figures"]["unit_seconds"],
+        "hop_cost": result.figures.get("hop_cost"),
         "units_run": result.units_run,
     }
     run.write_json(out, layout.RESULT)

@@ -83,9 +83,11 @@ class MopDriver:
     def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
                  lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
-                 unit_timeout_s: float | None = None) -> None:
+                 unit_timeout_s: float | None = None, model_cache_mb: float | None = None) -> None:
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        if model_cache_mb is not None and not model_cache_mb >= 0:
+            raise MopError(f"model_cache_mb must be >= 0 (megabytes of warm models per worker), got {model_cache_mb!r}")
         self.spark = spark
         self.workload = workload
         self.store = Store(run_url)
@@ -95,6 +97,7 @@ class MopDriver:
         self.start_timeout_s = start_timeout_s
         self.lock_wait_s = lock_wait_s
         self.unit_timeout_s = unit_timeout_s  # None: from observed durations (see UNIT_TIMEOUT_FACTOR)
+        self.model_cache_mb = model_cache_mb  # None: each worker derives it (mop/model_cache.py)
         self.journal = Journal(self.store)
         self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
         self.schedule = schedule
@@ -184,7 +187,8 @@ class MopDriver:
                     if attempts > self.max_job_attempts:
                         raise MopError(f"the Spark worker stage failed {self.max_job_attempts} times; "
                                        f"last error: {job.error if job else None}")
-                    job = _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of())
+                    job = _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of(),
+                                      self.model_cache_mb)
                     job_started = time.time()
                 had_workers = bool(self._conns)
                 self._accept_joined(server)
@@ -410,12 +414,13 @@ class MopDriver:
 class _BarrierJob:
     """The Spark job holding the W worker tasks, run in a thread so the driver loop stays free."""
 
-    def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str) -> None:
+    def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str,
+                 model_cache_mb: float | None = None) -> None:
         self.error: str | None = None
         self._done = threading.Event()
         self._sc = sc = spark.sparkContext
         self.group = f"mop-{uuid.uuid4().hex[:12]}"
-        fn = barrier_task(server.address, server.secret, workload, run_url)
+        fn = barrier_task(server.address, server.secret, workload, run_url, model_cache_mb)
 
         def target() -> None:
             try:

@@ -2,14 +2,24 @@
 
 - utilisation: busy seconds / (W x makespan);
 - hop overhead: per worker, the gap between one unit's end and the next unit's start, plus the
-  unit's checkpoint load and save, as a fraction of the time spent training or evaluating.
+  unit's data read, model build, state read and checkpoint write, as a fraction of the time spent
+  training or evaluating;
+- true hop cost (shared/reference/mop.md): the median time of units whose model came from
+  elsewhere over the median time of the same unit (same model, same kind, same number of
+  samples) on a model that stayed on its worker, so re-tracing counts as the hop's, not as
+  compute. Split by how the model arrived: "warm" (the worker had built it before and only read
+  its state) and "cold" (built on the worker for this unit). The worker's one-off data read is
+  left out of both.
 Worker-side timestamps are compared only within one worker, so clock skew between machines does
 not distort the figures.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
+
+ARRIVALS = ("stayed", "warm", "cold")
 
 
 def timeline_figures(records: list[dict[str, Any]], num_workers: int) -> dict[str, Any]:
@@ -27,7 +37,8 @@ def timeline_figures(records: list[dict[str, Any]], num_workers: int) -> dict[st
     for rs in by_worker.values():
         rs.sort(key=lambda r: r["start"])
         gaps += sum(max(0.0, b["start"] - a["end"]) for a, b in zip(rs, rs[1:]))
-    io = sum(r["load_s"] + r["save_s"] for r in records)
+    io = sum(r.get("data_s", 0.0) + r["load_s"] + r["save_s"] for r in records)
+    build = sum(r.get("build_s", 0.0) for r in records)
     return {
         "units": len(records),
         "workers": num_workers,
@@ -35,12 +46,41 @@ def timeline_figures(records: list[dict[str, Any]], num_workers: int) -> dict[st
         "busy_s": busy,
         "utilisation": busy / (num_workers * makespan),
         "compute_utilisation": compute / (num_workers * makespan),
-        "hop_overhead": (gaps + io) / max(compute, 1e-9),
+        "hop_overhead": (gaps + io + build) / max(compute, 1e-9),
         "gap_s": gaps,
         "checkpoint_io_s": io,
+        "build_s": build,
         "mean_unit_s": busy / len(records),
         "reused_models": sum(1 for r in records if r.get("reused_model")),
+        "arrivals": {a: sum(1 for r in records if arrival(r) == a) for a in ARRIVALS},
+        **hop_cost(records),
     }
+
+
+def arrival(record: dict[str, Any]) -> str:
+    """How a unit's model came to its worker; records from before warm models say only if it stayed."""
+    return record.get("arrival") or ("stayed" if record.get("reused_model") else "cold")
+
+
+def hop_cost(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The true hop cost overall and by arrival (None where no unit pairs up); see the module doc."""
+    groups: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+    for r in records:
+        key = (r["unit"]["model_id"], r["unit"]["kind"], int(r.get("num_samples", 0)))
+        seconds = r["end"] - r["start"] - r.get("data_s", 0.0)
+        groups.setdefault(key, {a: [] for a in ARRIVALS})[arrival(r)].append(seconds)
+    ratios: dict[str, list[float]] = {"hop_cost": [], "hop_cost_warm": [], "hop_cost_cold": []}
+    for g in groups.values():
+        if not g["stayed"]:
+            continue
+        stayed = statistics.median(g["stayed"])
+        for name, hopped in (("hop_cost", g["warm"] + g["cold"]), ("hop_cost_warm", g["warm"]),
+                             ("hop_cost_cold", g["cold"])):
+            if hopped:
+                ratios[name].append(statistics.median(hopped) / max(stayed, 1e-9))
+    out: dict[str, Any] = {name: statistics.median(v) if v else None for name, v in ratios.items()}
+    out["hop_cost_pairs"] = len(ratios["hop_cost"])  # (model, kind, size) groups with both kinds of unit
+    return out
 
 
 def plot_timeline(records: list[dict[str, Any]], path: str, title: str = "MOP timeline") -> str:

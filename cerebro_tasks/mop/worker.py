@@ -1,9 +1,11 @@
 """The MOP worker: a long-lived Spark barrier task that owns one data partition and runs units.
 
 It connects back to the driver over an authenticated channel, says which partition it owns, and
-then runs whatever unit the driver pushes: load the model's checkpoint (unless it already holds
-that exact version in memory), train one sub-epoch or evaluate, write the next checkpoint
-atomically, report. Data is read once per worker and reused by every model that hops in.
+then runs whatever unit the driver pushes: bring the model to the unit's checkpoint (nothing to do
+when it stayed here; only its weights and optimizer state when this worker built it before; a
+full build otherwise, see mop/model_cache.py), train one sub-epoch or evaluate, write the next
+checkpoint atomically, report the unit's parts of time. Data is read once per worker and reused by
+every model that hops in.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import traceback
 from multiprocessing.connection import Client
 from typing import Any, Iterable, Iterator
 
+from cerebro_tasks.mop.checkpoint import load_state, save_checkpoint, save_state, state_bytes
 from cerebro_tasks.mop.control import Message
+from cerebro_tasks.mop.model_cache import ModelCache, WarmModel, default_budget_bytes, footprint_bytes, rss_bytes
 from cerebro_tasks.mop.scheduler import Unit
 from cerebro_tasks.mop.workload import ModelSpec, Workload
-from cerebro_tasks.storage.layout import checkpoint_name
 from cerebro_tasks.storage.store import Store
 
 
@@ -69,14 +72,19 @@ class PartitionError(RuntimeError):
 
 
 class UnitRunner:
-    """Runs units on one partition, keeping the last model in memory to skip needless reloads."""
+    """Runs units on one partition, keeping the models it built warm across hops (mop/model_cache.py)."""
 
-    def __init__(self, workload: Workload, run_store: Store, partition: int) -> None:
+    def __init__(self, workload: Workload, run_store: Store, partition: int,
+                 cache_budget_bytes: int | None = None, num_partitions: int | None = None) -> None:
         self.workload = workload
         self.store = run_store
         self.partition = partition
+        # P: a train unit that ends an epoch also writes the whole model (None: after every unit)
+        self.num_partitions = num_partitions
         self._data: dict[str, Any] = {}
-        self._held: tuple[str, int, Any] | None = None  # (model_id, step, keras model)
+        if cache_budget_bytes is None:
+            cache_budget_bytes = default_budget_bytes(os.cpu_count() or 1, [])
+        self.cache = ModelCache(cache_budget_bytes)
 
     def data(self, kind: str) -> Any:
         if kind not in self._data:
@@ -87,44 +95,41 @@ class UnitRunner:
                                      f"{type(e).__name__}: {e}") from e
         return self._data[kind]
 
-    def _model_at(self, spec: ModelSpec, step: int) -> tuple[Any, bool]:
+    def _model_at(self, spec: ModelSpec, step: int) -> tuple[WarmModel, str, float]:
+        """The model at checkpoint `step` and how it came: "stayed" (already at that state here),
+        "warm" (built here before: only its state was read) or "cold" (built here now, from its seed,
+        then its state read). Also the seconds spent building; the rest is reading state."""
         import keras
 
-        held, self._held = self._held, None  # until the unit succeeds, this worker holds nothing trusted
-        if held is not None and held[0] == spec.model_id and held[1] == step:
-            return held[2], True
-        del held  # free the previous model before building or loading the next one
-        keras.backend.clear_session()
+        # taken out of the cache: until the unit succeeds, this worker holds nothing trusted of it
+        warm = self.cache.take(spec.model_id)
+        if warm is not None and warm.step == step:
+            return warm, "stayed", 0.0
+        if warm is not None and step > 0:
+            load_state(self.store, warm.model, spec.model_id, step)
+            warm.step = step
+            return warm, "warm", 0.0
+        del warm  # (a model at step 0 is rebuilt: its initial weights come from its seed)
+        started = time.time()
         if step == 0:
+            # Only for initial weights: seeding TensorFlow clears its kernel cache, which makes every
+            # warm model on this worker pay a re-instantiation of its functions on its next unit.
             keras.utils.set_random_seed(spec.seed)
-            model = self.workload.build_model(spec)
-        else:
-            with self.store.local_copy(*checkpoint_name(spec.model_id, step)) as path:
-                model = keras.saving.load_model(path, custom_objects=self.workload.custom_objects())
-        return model, False
-
-    def _save(self, model: Any, model_id: str, step: int) -> None:
-        parts = checkpoint_name(model_id, step)
-        if self.store.is_local:
-            final = self.store.path(*parts)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(final), f".tmp-{os.getpid()}-{os.path.basename(final)}")
-            model.save(tmp)
-            os.replace(tmp, final)  # atomic: a reader sees the old state or the whole new file
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:
-                local = os.path.join(d, parts[-1])
-                model.save(local)
-                self.store.put_file(local, *parts)
+        model = self.workload.build_model(spec)
+        built = time.time()
+        if step > 0:
+            load_state(self.store, model, spec.model_id, step)
+        return WarmModel(model, step, 0), "cold", built - started
 
     def run(self, unit: Unit, spec: ModelSpec) -> dict[str, Any]:
         start = time.time()
         data = self.data(unit.kind)
-        model, reused = self._model_at(spec, unit.step)
+        read = time.time()
+        warm, arrival, build_s = self._model_at(spec, unit.step)
         loaded = time.time()
+        model = warm.model
         training = unit.kind == "train"
+        traced = unit.kind in warm.traced
         # a different, reproducible shuffle for every sub-epoch of every model
         inputs = self.workload.inputs(data, spec, training=training, seed=spec.seed * 100_003 + unit.step)
         if inputs.num_samples == 0:
@@ -140,29 +145,45 @@ class UnitRunner:
                                                                 return_dict=True).items()}
         computed = time.time()
         if training:
-            self._save(model, unit.model_id, unit.step + 1)
-            self._held = (unit.model_id, unit.step + 1, model)
-        else:
-            self._held = (unit.model_id, unit.step, model)
+            save_state(self.store, model, unit.model_id, unit.step + 1)
+            if self.num_partitions is None or (unit.step + 1) % self.num_partitions == 0:
+                save_checkpoint(self.store, model, unit.model_id, unit.step + 1)
+            warm.step = unit.step + 1
+        if inputs.num_samples:
+            warm.traced.add(unit.kind)
+        warm.nbytes = footprint_bytes(state_bytes(model))
+        evicted = self.cache.put(unit.model_id, warm)
         end = time.time()
         return {
             "metrics": metrics,
             "num_samples": int(inputs.num_samples),
             "start": start,
             "end": end,
-            "load_s": loaded - start,
+            # the parts of the unit's time: data read (first unit of a kind only), model build,
+            # state read, training or evaluation, checkpoint write
+            "data_s": read - start,
+            "build_s": build_s,
+            "load_s": loaded - read - build_s,
             "compute_s": computed - loaded,
             "save_s": end - computed,
-            "reused_model": reused,
+            "arrival": arrival,
+            "traced": traced,  # its train (or eval) function was already traced on this model
+            "reused_model": arrival == "stayed",
+            "cached_models": len(self.cache),
+            "evicted": evicted,
+            "rss_mb": rss_bytes() / (1 << 20),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
         }
 
 
 def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str, partition: int,
-          gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
+          gpu_addresses: list[str], cpus: int, model_cache_mb: float | None = None,
+          num_partitions: int | None = None) -> dict[str, Any]:
     """Connect to the driver and run pushed units until told to stop. Returns this worker's summary."""
     devices = configure_devices(gpu_addresses, cpus)
-    runner = UnitRunner(workload, Store(run_url), partition)
+    budget = default_budget_bytes(cpus, gpu_addresses, model_cache_mb)
+    devices["model_cache_mb"] = round(budget / (1 << 20), 1)
+    runner = UnitRunner(workload, Store(run_url), partition, budget, num_partitions)
     conn = Client(address, authkey=secret)
     conn.send(Message.hello(partition, {"host": socket.gethostname(), "pid": os.getpid(), **devices}))
     units = 0
@@ -184,10 +205,12 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
             conn.send(Message.done(unit, result))
     finally:
         conn.close()
-    return {"partition": partition, "units": units, **devices}
+        runner.cache.clear()  # a reused Python worker must not carry this run's models into the next
+    return {"partition": partition, "units": units, "evictions": runner.cache.evictions, **devices}
 
 
-def barrier_task(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str):
+def barrier_task(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str,
+                 model_cache_mb: float | None = None):
     """The function Spark runs on each of the W barrier tasks (mapPartitions over one dummy row)."""
 
     def run(_rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -196,6 +219,7 @@ def barrier_task(address: tuple[str, int], secret: bytes, workload: Workload, ru
         ctx = BarrierTaskContext.get()
         gpus = ctx.resources().get("gpu")
         addresses = list(gpus.addresses) if gpus is not None else []
-        yield serve(address, secret, workload, run_url, ctx.partitionId(), addresses, ctx.cpus())
+        yield serve(address, secret, workload, run_url, ctx.partitionId(), addresses, ctx.cpus(), model_cache_mb,
+                    len(ctx.getTaskInfos()))
 
     return run

@@ -91,6 +91,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              *([f"- early stopping {summary['early_stopping']}: {len(summary.get('stopped_models', []))} models "
                 f"stopped, {fig.get('unit_seconds', float('nan')):.1f} unit-seconds of compute in all"]
                if summary.get("early_stopping") else []),
+             f"- true hop cost {_ratio(fig.get('hop_cost'))} (a unit whose model hopped in, over the same unit on a "
+             f"model that stayed; model already built on the worker {_ratio(fig.get('hop_cost_warm'))}, built there "
+             f"for the unit {_ratio(fig.get('hop_cost_cold'))})",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ended = (f"failed: {r['error']}" if "error" in r else
@@ -99,6 +102,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                  r.get(best_key), r.get("train_seconds"), *([ended] if stops else [])]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def _fmt(v: Any) -> str:

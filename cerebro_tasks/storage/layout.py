@@ -6,8 +6,9 @@
     run.json              the models the MOP driver was given (resume restores them)
     run.lock              held by the one driver running the run (heartbeat)
     journal/              one record per finished unit
-    models/<model_id>/    ckpt-<step>.keras checkpoints; the Cerebro API's init.keras, estimator.pkl,
-                          model_info.json
+    models/<model_id>/    ckpt-<step>.state (weights + optimizer state after every train unit: what a
+                          hop moves), ckpt-<step>.keras (the whole model, at every epoch's end); the
+                          Cerebro API's init.keras, estimator.pkl, model_info.json
     tb/<model_id>/        TensorBoard events
     search_state.json     the stopping rule's state and every early-stopping decision (resume)
     history.json, timeline.json, summary.json, summary.md, learning_curves.png, timeline.png
@@ -46,3 +47,8 @@ def model_file(model_id: str, name: str) -> tuple[str, str, str]:
 def checkpoint_name(model_id: str, step: int) -> tuple[str, str, str]:
     """Path parts of model ``model_id``'s checkpoint after ``step`` train units (0 = initial weights)."""
     return model_file(model_id, f"ckpt-{step:05d}.keras")
+
+
+def state_name(model_id: str, step: int) -> tuple[str, str, str]:
+    """Path parts of model ``model_id``'s weights and optimizer state after ``step`` train units."""
+    return model_file(model_id, f"ckpt-{step:05d}.state")

@@ -1,0 +1,157 @@
+"""Warm models across hops (mop/model_cache.py, mop/checkpoint.py) on the real CNN-BiLSTM, no Spark.
+
+Two `UnitRunner`s sharing one run store stand for two workers; models hop between them by their
+checkpoints exactly as under MOP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cerebro_tasks.mop.model_cache import ModelCache, WarmModel
+from cerebro_tasks.mop.scheduler import Unit
+from cerebro_tasks.mop.workload import ModelSpec
+
+
+def test_lru_keeps_the_budget_and_the_newest_model():
+    cache = ModelCache(budget_bytes=250)
+    for name in ("a", "b"):
+        assert cache.put(name, WarmModel(object(), 1, 100)) == []
+    assert cache.take("a") is not None  # taken out while its unit runs: no longer held
+    cache.put("a", WarmModel(object(), 2, 100))  # back as the most recent
+    assert cache.put("c", WarmModel(object(), 1, 100)) == ["b"]  # least recently used goes first
+    assert "a" in cache and "c" in cache and cache.evictions == 1
+    assert cache.put("huge", WarmModel(object(), 1, 1000)) == ["a", "c"]
+    assert len(cache) == 1 and "huge" in cache  # alone over budget, still kept: it is in use
+    with pytest.raises(ValueError, match="budget"):
+        ModelCache(-1)
+
+
+PARAMS = {"amp_factor": 0.25, "window_minutes": 1, "learning_rate": 3e-3}
+
+
+def _runners(tmp_path, sequences=16):
+    """Two workers (P = 2) on one run store."""
+    from cerebro_tasks.deeppostures.synthetic_workload import SyntheticCnnBilstmWorkload
+    from cerebro_tasks.mop.worker import UnitRunner, configure_devices
+    from cerebro_tasks.storage.store import Store
+
+    configure_devices([], 1)
+    workload = SyntheticCnnBilstmWorkload(sequences_per_partition=sequences, batch_size=16)
+    store = Store(str(tmp_path / "run"))
+    return workload, store, *(UnitRunner(workload, store, p, num_partitions=2) for p in range(2))
+
+
+def _state(model):
+    return model.get_weights() + [v.numpy() for v in model.optimizer.variables]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def _fresh(store, model_id, step):
+    """The model as Keras itself loads it from the whole-model checkpoint, nothing of ours involved."""
+    import keras
+
+    from cerebro_tasks.deeppostures.workload import custom_objects
+    from cerebro_tasks.storage.layout import checkpoint_name
+
+    return keras.saving.load_model(store.path(*checkpoint_name(model_id, step)), custom_objects=custom_objects())
+
+
+@pytest.mark.slow
+def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
+    from cerebro_tasks.mop.checkpoint import load_state
+
+    workload, store, w0, w1 = _runners(tmp_path, sequences=32)
+    a, b = ModelSpec("a", PARAMS, 2, seed=1), ModelSpec("b", PARAMS, 2, seed=2)
+    assert w0.run(Unit("a", 0, "train", 0, 0), a)["arrival"] == "cold"
+    assert w0.run(Unit("b", 0, "train", 0, 0), b)["arrival"] == "cold"
+    hop = w1.run(Unit("a", 0, "train", 1, 1), a)  # a hops to worker 1, which has never built it
+    assert hop["arrival"] == "cold" and hop["build_s"] > 0 and not hop["traced"]
+    back = w0.run(Unit("a", 1, "train", 0, 2), a)  # and back to worker 0, which built it: state only
+    assert back["arrival"] == "warm" and back["traced"] and back["build_s"] == 0.0
+    stay = w0.run(Unit("a", 1, "val", 0, 3), a)  # a val unit right after, same worker: nothing to read
+    assert stay["arrival"] == "stayed" and stay["load_s"] < 0.05
+
+    # the warm path's state after step 2 equals training on a model Keras loads from ckpt-2.keras
+    fresh = _fresh(store, "a", 2)
+    inputs = workload.inputs(w0.data("train"), a, training=True, seed=a.seed * 100_003 + 2)
+    fresh.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
+    warm_a = w0.cache.take("a")
+    assert warm_a is not None and warm_a.step == 3
+    _assert_same(_state(warm_a.model), _state(fresh))
+
+    # another model's state poured into a warm model (b, trained and traced on worker 0) trains
+    # exactly as that state freshly loaded: nothing of b's own weights or optimizer survives
+    warm_b = w0.cache.take("b")
+    assert warm_b is not None and warm_b.step == 1
+    load_state(store, warm_b.model, "a", 2)
+    fresh = _fresh(store, "a", 2)
+    inputs = workload.inputs(w1.data("train"), a, training=True, seed=5)
+    for model in (warm_b.model, fresh):
+        model.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
+    _assert_same(_state(warm_b.model), _state(fresh))
+
+
+@pytest.mark.slow
+def test_a_state_of_another_architecture_is_refused_by_name(tmp_path):
+    from cerebro_tasks.deeppostures.workload import build_model
+    from cerebro_tasks.mop.checkpoint import CheckpointError, load_state, save_state
+    from cerebro_tasks.storage.store import Store
+
+    store = Store(str(tmp_path / "run"))
+    save_state(store, build_model(PARAMS, seed=1), "a", 1)
+    save_state(store, build_model({**PARAMS, "l2": 1e-3}, seed=2), "b", 1)  # same variables, other loss
+    wide = build_model({**PARAMS, "amp_factor": 0.5}, seed=1)
+    with pytest.raises(CheckpointError, match=r"a/ckpt-00001.state: variable .*conv1/kernel is float32"):
+        load_state(store, wide, "a", 1)
+    load_state(store, twin := build_model(PARAMS, seed=3), "b", 1)  # what fits is read
+    store.write_bytes(b"not a state", "models", "c", "ckpt-00001.state")
+    with pytest.raises(CheckpointError, match="c/ckpt-00001.state: not a model state file"):
+        load_state(store, twin, "c", 1)
+
+
+@pytest.mark.slow
+def test_a_failed_unit_leaves_no_trusted_model_behind(tmp_path):
+    workload, store, w0, _ = _runners(tmp_path, sequences=16)
+    a = ModelSpec("a", PARAMS, 2, seed=1)
+    w0.run(Unit("a", 0, "train", 0, 0), a)
+    with pytest.raises(FileNotFoundError):
+        w0.run(Unit("a", 0, "train", 0, 5), a)  # no ckpt-5: reading the state fails
+    assert "a" not in w0.cache  # a half-way model is dropped, never served as a known state
+    assert w0.run(Unit("a", 0, "val", 0, 1), a)["arrival"] == "cold"
+
+
+@pytest.mark.slow
+def test_worker_memory_stays_flat_while_models_hop(tmp_path):
+    """Three models take turns on one worker, so every unit is a hop in (its model's state is read):
+    after a warm-up, resident memory must not grow with the units run. Rebuilding the model on
+    every hop (the code before warm models) grew about 15 MB per unit here."""
+    from cerebro_tasks.mop.model_cache import rss_bytes
+
+    workload, store, w0, _ = _runners(tmp_path, sequences=16)
+    specs = [ModelSpec(f"m{i}", PARAMS, 99, seed=i) for i in range(3)]
+    step = dict.fromkeys((s.model_id for s in specs), 0)
+
+    def one_round() -> list[str]:
+        arrivals = []
+        for s in specs:
+            result = w0.run(Unit(s.model_id, 0, "train", 0, step[s.model_id]), s)
+            step[s.model_id] += 1
+            arrivals.append(result.get("arrival"))
+        return arrivals
+
+    for _ in range(2):
+        one_round()  # warm-up: every model built and its train function traced
+    before = rss_bytes()
+    rounds = 8
+    for _ in range(rounds):
+        one_round()
+    units = rounds * len(specs)
+    growth_mb_per_unit = (rss_bytes() - before) / (1 << 20) / units
+    assert growth_mb_per_unit <= 1.0, f"worker memory grew {growth_mb_per_unit:.1f} MB per unit over {units} units"
