@@ -89,7 +89,8 @@ def _replay(records: list[dict[str, Any]], run_url: str) -> dict[str, dict[str, 
         units = sorted((r["unit"] for r in records if r["unit"]["model_id"] == spec.model_id),
                        key=lambda u: (u["step"], u["kind"] == "val", u["partition"]))
         for u in units:  # train steps in order; each epoch's val units once its training is done
-            result = runners[u["partition"]].run(Unit.from_dict(u), spec)
+            # its own attempt id: the recomputed checkpoint never replaces the run's, which the next unit reads
+            result = runners[u["partition"]].run(Unit.from_dict(u), spec, "replay")
             out[_unit_key(u, paths)] = result["metrics"]
     return out
 
@@ -113,7 +114,7 @@ def _job(argv: list[str]) -> int:
     sc = spark.sparkContext
     t1 = time.time()
     result = run_mop(spark, SyntheticWorkload(**WORKLOAD_KW), _specs(), args.run_url, num_workers=NUM_WORKERS,
-                     seed=SEED)
+                     seed=SEED, keep_checkpoints="all")  # the replay reads every step's checkpoint
     t2 = time.time()
     info = {"master": sc.master, "app_id": sc.applicationId, "app_name": sc.appName}
     spark.stop()

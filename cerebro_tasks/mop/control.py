@@ -46,8 +46,9 @@ class Message:
         return cls("hello", {"partition": partition, "info": info})
 
     @classmethod
-    def unit(cls, unit: Any, spec: Any) -> "Message":
-        return cls("unit", {"unit": unit, "spec": spec})
+    def unit(cls, unit: Any, spec: Any, attempt: str) -> "Message":
+        # attempt: this dispatch's id; a train unit writes its checkpoint under it (storage/layout.py)
+        return cls("unit", {"unit": unit, "spec": spec, "attempt": attempt})
 
     @classmethod
     def done(cls, unit: Any, result: dict[str, Any]) -> "Message":

@@ -103,8 +103,8 @@ class UnitRunner:
                 model = keras.saving.load_model(path, custom_objects=self.workload.custom_objects())
         return model, False
 
-    def _save(self, model: Any, model_id: str, step: int) -> None:
-        parts = checkpoint_name(model_id, step)
+    def _save(self, model: Any, model_id: str, step: int, attempt: str) -> None:
+        parts = checkpoint_name(model_id, step, attempt)  # the driver renames it once it accepts the unit
         if self.store.is_local:
             final = self.store.path(*parts)
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -119,7 +119,7 @@ class UnitRunner:
                 model.save(local)
                 self.store.put_file(local, *parts)
 
-    def run(self, unit: Unit, spec: ModelSpec) -> dict[str, Any]:
+    def run(self, unit: Unit, spec: ModelSpec, attempt: str) -> dict[str, Any]:
         start = time.time()
         data = self.data(unit.kind)
         model, reused = self._model_at(spec, unit.step)
@@ -140,7 +140,7 @@ class UnitRunner:
                                                                 return_dict=True).items()}
         computed = time.time()
         if training:
-            self._save(model, unit.model_id, unit.step + 1)
+            self._save(model, unit.model_id, unit.step + 1, attempt)
             self._held = (unit.model_id, unit.step + 1, model)
         else:
             self._held = (unit.model_id, unit.step, model)
@@ -155,6 +155,7 @@ class UnitRunner:
             "save_s": end - computed,
             "reused_model": reused,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "attempt": attempt,
         }
 
 
@@ -173,7 +174,7 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
                 break
             unit, spec = msg.payload["unit"], msg.payload["spec"]
             try:
-                result = runner.run(unit, spec)
+                result = runner.run(unit, spec, msg.payload["attempt"])
             except PartitionError as e:  # a data fault, not a model fault: say so once and stop
                 conn.send(Message.fatal(unit, str(e)))
                 break

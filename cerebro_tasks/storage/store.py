@@ -143,6 +143,14 @@ class Store:
         except OSError:  # a hidden leftover is harmless; the new folder is in place
             pass
 
+    def move(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """Rename file ``src`` to ``dst`` in the store, replacing ``dst``: one rename where the
+        filesystem replaces atomically (POSIX), else the old ``dst`` is removed first (HDFS)."""
+        final = self.path(*dst)
+        if not self.is_local and self.fs.get_file_info(final).type == pafs.FileType.File:
+            self.fs.delete_file(final)
+        self.fs.move(self.path(*src), final)
+
     @contextmanager
     def local_copy(self, *parts: str) -> Iterator[str]:
         """A local path holding the file's content (the file itself when the store is local)."""
