@@ -117,7 +117,9 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
     driver = MopDriver(spark, workload, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
-                       max_job_attempts=config.max_job_attempts, schedule=config.schedule)
+                       max_job_attempts=config.max_job_attempts, schedule=config.schedule,
+                       keep_checkpoints=config.keep_checkpoints,
+                       select=(config.search.metric, metric_mode(config.search.metric)))
     driver.resume()
     plan = SearchPlan(config)
     for spec in plan.initial(driver.specs):
@@ -205,7 +207,9 @@ def check_same_run(run: Store, config: TrainConfig, data: dict[str, Any] | None 
         return
     saved = run.read_json(layout.CONFIG)
     before, now = saved["config"], config_dict(config)
-    changed = sorted(k for k in set(before) | set(now) if k != "max_job_attempts" and before.get(k) != now.get(k))
+    # neither the attempts allowed nor which checkpoints are kept changes what is trained
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in ("max_job_attempts", "keep_checkpoints") and before.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"{run.url_of('config.json')}: run {config.run_id!r} was started with other "
                           f"{', '.join(changed)}; resume it with the same configuration, or use a new run id")
