@@ -464,7 +464,9 @@ class MopDriver:
         hist = histories(self._records, self.num_workers)
         figures = timeline_figures(self._records, self.num_workers)
         self.store.write_json(hist, layout.HISTORY)
-        self.store.write_json({"records": self._records, "figures": figures}, layout.TIMELINE)
+        # the metric states are the journal's business (exact merges); the timeline stays small
+        timeline = [{k: v for k, v in r.items() if k != "metric_state"} for r in self._records]
+        self.store.write_json({"records": timeline, "figures": figures}, layout.TIMELINE)
         failed = [m for m in self.specs if self.scheduler.model_status(m).state == "failed"]
         failures = {m: self._failure(m) for m in failed}
         return MopResult(run_url=self.store.url, specs=dict(self.specs), histories=hist, records=list(self._records),

@@ -64,6 +64,27 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
     }
 
 
+def capture_metric_states(model: Any) -> dict[str, dict[str, Any]]:
+    """Each compiled metric's additive state after fit/evaluate, for an exact merge over
+    partitions (mop/metric_state.py): class name, the config its result needs, its variables."""
+    import numpy as np
+
+    from cerebro_tasks.mop.metric_state import CONFIG_KEYS
+
+    out: dict[str, dict[str, Any]] = {}
+    for tracked in model.metrics:
+        # the loss tracker is a metric of its own; CompileMetrics holds the compiled ones
+        inner = tracked.metrics if type(tracked).__name__ == "CompileMetrics" else [tracked]
+        for metric in inner:
+            config = metric.get_config()
+            out[metric.name] = {
+                "class": type(metric).__name__,
+                "config": {k: config[k] for k in CONFIG_KEYS if k in config},
+                "state": {v.name: np.asarray(v).tolist() for v in metric.variables},
+            }
+    return out
+
+
 class PartitionError(RuntimeError):
     """This worker's data cannot be read: no model can train here, so the run stops."""
 
@@ -138,6 +159,7 @@ class UnitRunner:
                                                                 batch_size=inputs.batch_size, verbose=0,
                                                                 callbacks=inputs.extra.get("callbacks"),
                                                                 return_dict=True).items()}
+        states = capture_metric_states(model) if inputs.num_samples else {}
         computed = time.time()
         if training:
             self._save(model, unit.model_id, unit.step + 1, attempt)
@@ -147,6 +169,7 @@ class UnitRunner:
         end = time.time()
         return {
             "metrics": metrics,
+            "metric_state": states,
             "num_samples": int(inputs.num_samples),
             "start": start,
             "end": end,
