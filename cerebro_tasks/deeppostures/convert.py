@@ -53,6 +53,7 @@ compression: see :mod:`cerebro_tasks.deeppostures.petastorm_io`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -106,8 +107,12 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
     if store.fs.get_file_info(root).type != pafs.FileType.Directory:
         raise h5format.H5FormatError(h5_root, "path", "expected a directory of subject folders, found none")
     files: list[dict] = []
-    rejected: list[dict] = []
-    for sub in sorted(store.fs.get_file_info(pafs.FileSelector(root)), key=lambda i: i.path):
+    rejected: list[dict] = _broken_links(store, root)
+    subjects = store.fs.get_file_info(pafs.FileSelector(root))
+    if not subjects and not rejected:
+        raise h5format.H5FormatError(h5_root, "path", "expected subject folders of <YYYY-MM-DD>.h5 files, "
+                                     "found an empty folder (a wrong path, or a disk not mounted?)")
+    for sub in sorted(subjects, key=lambda i: i.path):
         name = posixpath.basename(sub.path)
         if name.startswith("."):
             continue
@@ -119,6 +124,7 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
         except h5format.H5FormatError as err:
             rejected.append(_record(_display(store, sub.path), "subject", f"{err.problem} (subject folder name)"))
             continue
+        rejected.extend(_broken_links(store, sub.path))
         for day in sorted(store.fs.get_file_info(pafs.FileSelector(sub.path)), key=lambda i: i.path):
             fname = posixpath.basename(day.path)
             if fname.startswith("."):
@@ -138,6 +144,29 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
                           "date": date.isoformat(), "size": int(day.size), "mtime_ns": int(day.mtime_ns or 0)})
     files.sort(key=lambda f: (f["subject"], f["date"]))
     return files, rejected
+
+
+def _broken_links(store: Store, folder: str) -> list[dict]:
+    """Symbolic links in ``folder`` that lead nowhere, as quarantine records.
+
+    pyarrow's listing leaves out a link whose target is missing or that loops, so without this a
+    subject or a day would vanish from the dataset without a word. Only local folders have links.
+    """
+    if not store.is_local:
+        return []
+    out = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_symlink():
+                continue
+            try:
+                os.stat(entry.path)
+            except OSError as err:
+                target = os.readlink(entry.path)
+                what = "a symbolic link loop" if err.errno == errno.ELOOP else "a dangling symbolic link"
+                out.append(_record(_display(store, entry.path), "path",
+                                   f"expected a folder or an H5 file, found {what} (-> {target})"))
+    return out
 
 
 def _display(store: Store, path: str) -> str:
@@ -350,6 +379,9 @@ def _raise_tagged(err: BaseException) -> None:
 
 
 LOCK_NAME = "_cerebro_convert.lock"
+# the holder refreshes the lock this often; one silent for three beats (a killed task on another
+# host) is taken over, as the run lock is
+LOCK_HEARTBEAT_S = 30.0
 
 
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
@@ -369,7 +401,7 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     """
     store = Store(dataset_url)
     _refuse_foreign_folder(store)
-    with store.lock(LOCK_NAME, wait_s=lock_wait_s):
+    with store.lock(LOCK_NAME, wait_s=lock_wait_s, heartbeat_s=LOCK_HEARTBEAT_S):
         return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
                                row_group_rows=row_group_rows, measure_memory=measure_memory)
 

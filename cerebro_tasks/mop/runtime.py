@@ -222,7 +222,12 @@ class MopDriver:
                 # every exit (an error, a start timeout, KeyboardInterrupt, workers that did not
                 # stop in time) takes the barrier stage down with it: nothing of the run keeps running
                 job.cancel()
-                job.join(timeout=60)
+                job.join(timeout=15)
+                if not job.finished:
+                    # a barrier job still waiting for W free slots is not started yet, so there is
+                    # nothing to cancel; Spark drops it after its slot checks (runs no task of it)
+                    log.warning("the MOP worker job %s had not started; Spark gives it up after its slot checks",
+                                job.group)
         return self._result()
 
     def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
