@@ -63,10 +63,11 @@ def cmd_split(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.workload import check_search
-    from cerebro_tasks.jobs.train import load_config, train
+    from cerebro_tasks.jobs.train import check_split, load_config, train
 
     config = load_config(args.config)
     check_search(config.search.space, config.search.metric)  # before paying for a Spark session
+    check_split(config.prepared_url, config.num_workers)
     return train(config, _spark(args, f"cerebro-mop-{config.run_id}", workers=config.num_workers))
 
 
@@ -77,8 +78,9 @@ def cmd_export(args: argparse.Namespace) -> Any:
 
 
 def cmd_predict(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.jobs.predict import predict
+    from cerebro_tasks.jobs.predict import check_inputs, predict
 
+    check_inputs(args.model, args.model_name)  # before paying for a Spark session
     return predict(_spark(args, "cerebro-predict"), dataset_url=args.dataset, model_url=args.model,
                    predictions_url=args.predictions, model_name=args.model_name, subjects=args.subjects,
                    only_new=args.which == "new", padding=args.padding, include_label=args.include_label)

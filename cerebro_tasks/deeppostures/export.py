@@ -52,11 +52,16 @@ def data_manifest(prepared_url: str) -> dict[str, Any]:
 
 def export_best(run_url: str, export_url: str) -> dict[str, Any]:
     """Export the model named in `<run>/result.json`; returns the small summary (XCom)."""
+    run = Store(run_url)
+    if not run.exists(layout.RESULT):
+        # an unfinished (or failed) run has no result.json yet; a bare FileNotFoundError would not say so
+        state = "is still running or was interrupted" if run.exists(layout.CONFIG) else "does not exist"
+        raise ValueError(f"{run_url}: no {layout.RESULT}: the run {state}; export a run once its train "
+                         "step has finished (resume it with the same run id)")
     import keras
 
     from cerebro_tasks.deeppostures.workload import custom_objects
 
-    run = Store(run_url)
     result = run.read_json(layout.RESULT)
     config = run.read_json(layout.CONFIG)["config"]
     history = run.read_json(layout.HISTORY)

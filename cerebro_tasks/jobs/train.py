@@ -109,6 +109,7 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     """Run the search; returns the small result (also written to result.json)."""
     config.validate()
     check_search(config.search.space, config.search.metric)
+    check_split(config.prepared_url, config.num_workers)  # before config.json claims the run id
     run = Store(config.run_url)
     data = split_key(config.prepared_url)
     check_same_run(run, config, data)
@@ -189,6 +190,26 @@ def finish(config: TrainConfig, result: Any, seconds: float) -> dict[str, Any]:
     log.info("run %s done in %.1f s: best %s %s=%.4f %s", config.run_id, seconds, best, metric, out["best_value"],
              spec.params)
     return out
+
+
+def check_split(prepared_url: str, num_workers: int) -> None:
+    """The prepared split exists and has one train and one val partition per worker, or a
+    ConfigError in one line: checked before anything of the run is written."""
+    from cerebro_tasks.deeppostures.split import SPLIT_FILE
+
+    prepared = Store(prepared_url)
+    if not prepared.exists(SPLIT_FILE):
+        raise ConfigError(f"prepared_url {prepared_url}: no prepared split here ({SPLIT_FILE} missing); run "
+                          "`cerebro-tasks split` first, or fix the path")
+    workers = prepared.read_json(SPLIT_FILE).get("workers")
+    if workers != num_workers:
+        raise ConfigError(f"num_workers: the split at {prepared_url} has {workers} partitions per split, the run "
+                          f"asks for {num_workers} workers; split again with --workers {num_workers}, or use "
+                          f"num_workers={workers}")
+    missing = [f"{kind}/part-{p}" for kind in ("train", "val") for p in range(num_workers)
+               if not prepared.exists(kind, f"part-{p}")]
+    if missing:
+        raise ConfigError(f"prepared_url {prepared_url}: partition folder(s) {missing} missing; split again")
 
 
 def split_key(prepared_url: str) -> dict[str, Any] | None:
