@@ -301,7 +301,7 @@ def test_incremental_noop_new_subject_changed_and_deleted_file(spark, h5_tree_co
     path = os.path.join(root, "S0002", "2024-03-05.h5")
     with h5py.File(path, "r+") as f:
         f["label"][0] = 1 - f["label"][0] if f["label"][0] in (0, 1) else 0
-    changed = convert(root, url, spark=spark)
+    changed = convert(root, url, spark=spark, superseded_grace_s=0)  # no reader to wait for
     assert changed["files"]["converted"] == 1 and changed["files"]["skipped"] == 9
     assert len(_part_stats(url)) == 10
     _assert_dataset_equals_h5(pio.read_windows(url), _h5_days(root))
@@ -315,7 +315,7 @@ def test_incremental_noop_new_subject_changed_and_deleted_file(spark, h5_tree_co
     # 5. a deleted file (and a deleted subject): gone from the dataset
     shutil.rmtree(os.path.join(root, "S0003"))
     os.remove(os.path.join(root, "S0004", "2024-03-05.h5"))
-    removed = convert(root, url, spark=spark)
+    removed = convert(root, url, spark=spark, superseded_grace_s=0)
     assert removed["files"]["removed"] == 3 and removed["files"]["converted"] == 0
     assert removed["removed"] == ["S0003/2024-03-04.h5", "S0003/2024-03-05.h5", "S0004/2024-03-05.h5"]
     assert len(_part_stats(url)) == 7
@@ -431,3 +431,34 @@ def test_the_convert_lock_beats_so_another_host_can_take_it_over(spark, h5_tree,
     done.set()
     watcher.join(5)
     assert seen and seen[0]["heartbeat_s"] == LOCK_HEARTBEAT_S and seen[0]["token"]
+
+
+@pytest.mark.slow
+def test_a_reader_on_the_old_manifest_still_reads_every_part_it_lists(spark, h5_tree_copy, tmp_path):
+    """A convert that supersedes parts keeps them for the grace period, then a later one deletes them."""
+    import json
+    import time
+
+    root, url = h5_tree_copy, str(tmp_path / "windows")
+    convert(root, url, spark=spark)
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        old_manifest = json.load(f)  # a reader has just read the manifest...
+    path = os.path.join(root, "S0002", "2024-03-05.h5")
+    with h5py.File(path, "r+") as f:
+        f["label"][0] = 1 - f["label"][0] if f["label"][0] in (0, 1) else 0
+    os.remove(os.path.join(root, "S0001", "2024-03-05.h5"))
+    changed = convert(root, url, spark=spark, superseded_grace_s=1.0)  # ...when another convert commits
+    assert changed["files"]["converted"] == 1 and changed["files"]["removed"] == 1
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        new_manifest = json.load(f)
+    gone = sorted({e["part"] for e in old_manifest["files"].values()} - {e["part"] for e in new_manifest["files"].values()})
+    assert len(gone) == 2 and sorted(new_manifest["superseded"]) == gone
+    for e in old_manifest["files"].values():  # every file the old manifest lists is still there
+        assert os.path.exists(os.path.join(url, e["part"]))
+    _assert_dataset_equals_h5(pio.read_windows(url), _h5_days(root))  # new readers see the new version
+    time.sleep(1.1)
+    later = convert(root, url, spark=spark, superseded_grace_s=1.0)
+    assert later["files"]["converted"] == 0 and later["version"] == changed["version"]
+    assert not any(os.path.exists(os.path.join(url, p)) for p in gone)
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        assert json.load(f)["superseded"] == {}

@@ -382,11 +382,16 @@ LOCK_NAME = "_cerebro_convert.lock"
 # the holder refreshes the lock this often; one silent for three beats (a killed task on another
 # host) is taken over, as the run lock is
 LOCK_HEARTBEAT_S = 30.0
+# A part the new manifest no longer lists (its file changed or went) stays this long after the
+# commit, recorded in the manifest's "superseded": a reader that read the old manifest just before
+# the commit (a split or predict job, minutes to hours) can still open every file it lists. A
+# later conversion deletes it.
+SUPERSEDED_GRACE_S = 24 * 3600.0
 
 
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
             row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False,
-            lock_wait_s: float = 3600.0) -> dict:
+            lock_wait_s: float = 3600.0, superseded_grace_s: float = SUPERSEDED_GRACE_S) -> dict:
     """Convert (incrementally) every H5 day file under ``h5_root`` into the dataset at ``dataset_url``.
 
     Returns a report: ``files`` counts (listed, converted, skipped, unchanged_content, removed,
@@ -403,11 +408,12 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     _refuse_foreign_folder(store)
     with store.lock(LOCK_NAME, wait_s=lock_wait_s, heartbeat_s=LOCK_HEARTBEAT_S):
         return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
-                               row_group_rows=row_group_rows, measure_memory=measure_memory)
+                               row_group_rows=row_group_rows, measure_memory=measure_memory,
+                               superseded_grace_s=superseded_grace_s)
 
 
 def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verify: bool, row_group_rows: int,
-                    measure_memory: bool) -> dict:
+                    measure_memory: bool, superseded_grace_s: float = SUPERSEDED_GRACE_S) -> dict:
     started = time.perf_counter()
     dataset_url = store.url
     if spark is None:
@@ -495,10 +501,17 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
     obsolete_parts -= live_parts
 
     changed = bool(converted or removed or obsolete_parts)
+    # superseded parts wait out the grace period (part name -> when it was superseded, epoch s)
+    now = time.time()
+    old_superseded: dict[str, float] = manifest.get("superseded", {})
+    superseded = {p: t for p, t in old_superseded.items() if p not in live_parts}
+    superseded.update({p: now for p in obsolete_parts if p not in superseded})
+    expired = sorted(p for p, t in superseded.items() if now - float(t) >= superseded_grace_s)
+    superseded = {p: t for p, t in sorted(superseded.items()) if p not in expired}
     manifest_dirty = changed or unchanged_content or quarantine != old_quarantine \
-        or not store.exists(pio.MANIFEST_NAME)
+        or superseded != old_superseded or not store.exists(pio.MANIFEST_NAME)
     new_manifest = dict(manifest, files=dict(sorted(new_files.items())), quarantine=dict(sorted(quarantine.items())),
-                        h5_root=h5_root, row_group_rows=int(row_group_rows))
+                        h5_root=h5_root, row_group_rows=int(row_group_rows), superseded=superseded)
     if changed:
         new_manifest["version"] = int(manifest.get("version", 0)) + 1
         new_manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -509,10 +522,10 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
         store.fs.move(stage_store.path(r["part"]), store.path(r["part"]))
     if manifest_dirty:
         store.write_json(new_manifest, pio.MANIFEST_NAME)
-    for part in sorted(obsolete_parts):
+    for part in expired:
         _delete_file(store, part)
     _cleanup_stage(store, None)
-    orphans = _remove_orphans(store, live_parts)
+    orphans = _remove_orphans(store, live_parts | set(superseded))
     if changed or orphans or not _petastorm_metadata_current(store, new_files):
         pio.write_petastorm_metadata(store.url_of() if not store.is_local else store.path(),
                                      {e["part"]: e["row_groups"] for e in new_files.values()})
