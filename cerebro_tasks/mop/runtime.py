@@ -213,6 +213,8 @@ class MopDriver:
                 _send_quietly(conn, Message.stop())
             if job is not None:
                 job.join(timeout=120)
+            for model_id in self.specs:  # the workers are gone: a late write of a stale attempt too
+                self._collect_checkpoints(model_id)
         finally:
             for conn in self._conns.values():
                 conn.close()
