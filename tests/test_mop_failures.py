@@ -192,3 +192,24 @@ def test_interrupted_driver_cancels_the_worker_stage(spark, tmp_path) -> None:
         run_within_deadline(spark, [spec(0, epochs=1), spec(1, epochs=3)], str(tmp_path / "run"),
                             on_model_done=interrupt)
     assert_nothing_left_running(spark)
+
+
+def test_a_worker_lost_twice_in_one_batch_of_events_is_handled_once(tmp_path) -> None:
+    """A failed send loses a worker while its connection's EOF is still in the batch being read:
+    the second loss must be a no-op, not an 'unknown worker' error that kills the run."""
+    from multiprocessing import Pipe
+
+    from cerebro_tasks.mop.runtime import MopDriver
+
+    driver = MopDriver(None, WORKLOAD, str(tmp_path / "run"), num_workers=2)
+    driver.add(spec(0))
+    for p in range(2):
+        driver._conns[f"p{p}.1"], _ = Pipe()
+        driver.scheduler.worker_joined(f"p{p}.1", p)
+    driver._dispatch()  # one model: one train unit in flight
+    (busy, unit), = driver._running.items()
+    driver._lose_worker(busy)
+    driver._lose_worker(busy)
+    idle = ({"p0.1", "p1.1"} - {busy}).pop()
+    assert list(driver.scheduler.workers) == [idle] and not driver._attempts and not driver.scheduler.running
+    assert driver.scheduler.model_status("m0").state == "running"  # its unit is pending again, not lost
