@@ -93,7 +93,7 @@ def cmd_split(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> Any:
     from cerebro_tasks.deeppostures.workload import check_search
-    from cerebro_tasks.jobs.train import load_config, train
+    from cerebro_tasks.jobs.train import check_split, load_config, train
 
     config = load_config(args.config)
     if args.early_stopping is not None or args.select is not None:  # the file's search, with these settings
@@ -109,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
             d["search"]["select"] = args.select
         config = TrainConfig.from_dict(d)
     check_search(config.search.space, config.search.metric)  # before paying for a Spark session
+    check_split(config.prepared_url, config.num_workers)
     return train(config, _spark(args, f"cerebro-mop-{config.run_id}", workers=config.num_workers))
 
 
@@ -119,8 +120,9 @@ def cmd_export(args: argparse.Namespace) -> Any:
 
 
 def cmd_predict(args: argparse.Namespace) -> Any:
-    from cerebro_tasks.jobs.predict import predict
+    from cerebro_tasks.jobs.predict import check_inputs, predict
 
+    check_inputs(args.model, args.model_name)  # before paying for a Spark session
     as_of, since = _instant_ns(args.as_of), _instant_ns(args.since)
     if (args.which == "arrived") != (since is not None) or (since is not None and as_of is None):
         raise ValueError("--which arrived goes with --since and --as-of (the interval the subjects arrived in)")

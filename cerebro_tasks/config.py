@@ -42,13 +42,13 @@ class SearchConfig:
             parse_space(self.space)
         except ValueError as e:
             raise ConfigError(f"search.space: {e}") from None
-        _check(isinstance(self.num_epochs, int) and self.num_epochs >= 1, "search.num_epochs", "an integer >= 1",
+        _check(_is_int(self.num_epochs) and self.num_epochs >= 1, "search.num_epochs", "an integer >= 1",
                self.num_epochs)
         if self.kind != "grid":
-            _check(isinstance(self.num_models, int) and self.num_models >= 1, "search.num_models",
+            _check(_is_int(self.num_models) and self.num_models >= 1, "search.num_models",
                    f"an integer >= 1 for a {self.kind} search", self.num_models)
-        _check(isinstance(self.seed, int), "search.seed", "an integer", self.seed)
-        _check(self.parallelism is None or (isinstance(self.parallelism, int) and self.parallelism >= 1),
+        _check(_is_int(self.seed), "search.seed", "an integer", self.seed)
+        _check(self.parallelism is None or (_is_int(self.parallelism) and self.parallelism >= 1),
                "search.parallelism", "null or an integer >= 1", self.parallelism)
         if self.kind == "grid":
             try:
@@ -87,6 +87,8 @@ class TrainConfig:
     schedule: str = "lockstep"
     # megabytes of built models each worker keeps warm across hops; None: derived from its memory
     model_cache_mb: float | None = None
+    # "needed": delete checkpoints nothing reads any more (mop/runtime.py); "all": keep every one
+    keep_checkpoints: str = "needed"
 
     @property
     def run_url(self) -> str:
@@ -97,16 +99,18 @@ class TrainConfig:
         _check(bool(self.store_url), "store_url", "a folder or URL for runs", self.store_url)
         _check(isinstance(self.run_id, str) and bool(_SAFE_ID.match(self.run_id)), "run_id",
                "letters, digits and _.- (safe as a folder name on any filesystem)", self.run_id)
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "num_workers", "an integer >= 1",
+        _check(_is_int(self.num_workers) and self.num_workers >= 1, "num_workers", "an integer >= 1",
                self.num_workers)
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1",
+        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1",
                self.batch_size)
-        _check(isinstance(self.max_job_attempts, int) and self.max_job_attempts >= 1, "max_job_attempts",
+        _check(_is_int(self.max_job_attempts) and self.max_job_attempts >= 1, "max_job_attempts",
                "an integer >= 1", self.max_job_attempts)
         _check(self.schedule in ("lockstep", "adaptive"), "schedule", "'lockstep' or 'adaptive'", self.schedule)
         _check(self.model_cache_mb is None or isinstance(self.model_cache_mb, (int, float))
                and not isinstance(self.model_cache_mb, bool) and self.model_cache_mb >= 0, "model_cache_mb",
                "megabytes >= 0, or null for a default from the worker's memory", self.model_cache_mb)
+        _check(self.keep_checkpoints in ("needed", "all"), "keep_checkpoints", "'needed' or 'all'",
+               self.keep_checkpoints)
         self.search.validate()
         return self
 
@@ -139,6 +143,11 @@ class TrainConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"configuration is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (JSON ``true`` is a Python int: ``num_epochs: true`` is 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, expected: str, got: Any) -> None:

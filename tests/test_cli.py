@@ -56,3 +56,37 @@ def test_bad_input_is_one_clear_line(tmp_path):
                                "search": {"space": {"window_minutes": [3.05]}}}))
     proc = cli("train", "--config", str(bad), cwd=str(tmp_path), ok=False)
     assert proc.returncode == 2 and "window_minutes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_predict_and_export_refuse_before_anything_is_written(tmp_path):
+    """Each a single line, before a Spark session or any file of the run exists."""
+    d = str(tmp_path)
+    base = {"prepared_url": "prepared", "store_url": "store", "run_id": "r1", "num_workers": 2,
+            "search": {"space": {"learning_rate": [1e-3]}, "num_epochs": 1}}
+
+    def fails(*args: str, says: str) -> None:
+        proc = cli(*args, cwd=d, ok=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"cerebro-tasks {args[0]}: error: ") and says in last, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "Setting default log level" not in proc.stderr  # no Spark
+
+    fails("train", "--config", json.dumps(base), says="no prepared split here")
+    os.makedirs(os.path.join(d, "prepared"))
+    with open(os.path.join(d, "prepared", "split.json"), "w") as f:
+        json.dump({"workers": 3}, f)
+    fails("train", "--config", json.dumps(base), says="has 3 partitions per split, the run asks for 2 workers")
+    assert not os.path.exists(os.path.join(d, "store"))  # no config.json claims the run id
+    fails("export", "--run", "store/runs/r1", "--output", "exports", says="the run does not exist")
+    os.makedirs(os.path.join(d, "store", "runs", "r1"))
+    with open(os.path.join(d, "store", "runs", "r1", "config.json"), "w") as f:
+        f.write("{}")
+    fails("export", "--run", "store/runs/r1", "--output", "exports", says="is still running or was interrupted")
+    fails("predict", "--dataset", "dataset", "--model", "exports/r1", "--predictions", "predictions",
+          "--model-name", "best", says="no model.keras here")
+    os.makedirs(os.path.join(d, "exports", "r1"))
+    with open(os.path.join(d, "exports", "r1", "model.keras"), "wb") as f:
+        f.write(b"not read: the name is refused first")
+    fails("predict", "--dataset", "dataset", "--model", "exports/r1", "--predictions", "predictions",
+          "--model-name", "../outside", says="model name '../outside'")
+    assert not os.path.exists(os.path.join(d, "outside")) and not os.path.exists(os.path.join(d, "predictions"))

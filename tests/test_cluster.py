@@ -77,6 +77,7 @@ def _replay(records: list[dict[str, Any]], run_url: str) -> dict[str, dict[str, 
     from cerebro_tasks.mop.scheduler import Unit
     from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
     from cerebro_tasks.mop.worker import UnitRunner, configure_devices
+    from cerebro_tasks.storage.layout import checkpoint_name
     from cerebro_tasks.storage.store import Store
 
     configure_devices([], 1)  # as a MOP worker with one core: same thread counts, same arithmetic
@@ -89,7 +90,10 @@ def _replay(records: list[dict[str, Any]], run_url: str) -> dict[str, dict[str, 
         units = sorted((r["unit"] for r in records if r["unit"]["model_id"] == spec.model_id),
                        key=lambda u: (u["step"], u["kind"] == "val", u["partition"]))
         for u in units:  # train steps in order; each epoch's val units once its training is done
-            result = runners[u["partition"]].run(Unit.from_dict(u), spec)
+            result = runners[u["partition"]].run(Unit.from_dict(u), spec, "replay")
+            if u["kind"] == "train":  # accepted, as the driver accepts a unit: the next one reads it
+                step = u["step"] + 1
+                store.move(checkpoint_name(spec.model_id, step, "replay"), checkpoint_name(spec.model_id, step))
             out[_unit_key(u, paths)] = result["metrics"]
     return out
 

@@ -29,6 +29,9 @@ def test_round_trip_json():
     ({"batch_size": "16"}, "batch_size"),
     ({"search": {"space": {"lr": []}, "num_epochs": 1}}, "search.space"),
     ({"search": {"space": {"lr": [1]}, "num_epochs": 0}}, "search.num_epochs"),
+    ({"search": {"space": {"lr": [1]}, "num_epochs": True}}, "search.num_epochs"),  # JSON true is not 1
+    ({"num_workers": True}, "num_workers"),
+    ({"keep_checkpoints": "some"}, "keep_checkpoints"),
     ({"search": {"space": {"lr": [1]}, "kind": "bayes"}}, "search.kind"),
     ({"search": {"space": {"lr": [1]}, "kind": "random"}}, "search.num_models"),
     ({"search": {"space": {"lr": [1]}, "metric": "loss"}}, "search.metric"),
@@ -84,3 +87,23 @@ def test_selection_direction_follows_the_metric():
     assert [m for m, _ in rank(h, "val_accuracy")] == ["b", "a", "c"]  # NaN last
     with pytest.raises(ValueError, match="val_auc"):
         best_model(h, "val_auc")
+
+
+@pytest.mark.parametrize("dim, bad", [
+    ({"uniform": [3, 9]}, "continuous range"),  # both ends are whole windows, 3.05 is not
+    ({"loguniform": [0.5, 0.9]}, "continuous range"),
+    ({"quniform": [3, 9, 0.25]}, "window_minutes 3.25"),  # 3 and 9 are fine, 3.25 min is 19.5 windows
+    ({"quniform": [0.01, 1, 0.5]}, "window_minutes 0"),  # rounds down to 0 minutes
+])
+def test_window_minutes_is_checked_over_the_whole_range(dim, bad):
+    from cerebro_tasks.deeppostures.workload import check_search
+
+    with pytest.raises(ConfigError, match=bad):
+        check_search({"window_minutes": dim}, "val_loss")
+
+
+def test_window_minutes_ranges_of_whole_windows_pass():
+    from cerebro_tasks.deeppostures.workload import check_search
+
+    check_search({"window_minutes": {"quniform": [3, 9, 1]}}, "val_loss")
+    check_search({"window_minutes": {"quniform": [3, 4, 0.5]}}, "val_loss")  # 3, 3.5, 4: 18, 21, 24 windows

@@ -105,6 +105,9 @@ BAD_CASES = {
     "Bsleep": ("sleep", "sleeping", "expected values in {0, 1}, found -1 at window 3"),
     "Bnan": ("nan", "data", "expected finite values, found nan at window 4 (sample 10, axis 1)"),
     "Bnoth5": ("noth5", "file", None),  # problem text comes from HDF5; checked by prefix
+    # datasets that declare 10^8 windows (about 120 GB of data) in a file of a few KB
+    "Bhuge": ("huge", "time", "expected at most 9000 windows (a 25-hour day of 10 s windows), found datasets "
+              "of 100000000"),
 }
 
 
@@ -131,6 +134,13 @@ def _write_bad(root: str, subject: str, kind: str, base: dict[str, np.ndarray]) 
     if kind == "noth5":
         with open(path, "wb") as f:
             f.write(b"this is not an HDF5 file")
+        return path
+    if kind == "huge":
+        with h5py.File(path, "w") as f:
+            for name, value in arrays.items():  # chunks never written take no space
+                d = f.create_dataset(name, shape=(10 ** 8,) + value.shape[1:], dtype=value.dtype,
+                                     chunks=(1024,) + value.shape[1:])
+                d[: len(value)] = value
         return path
     with h5py.File(path, "w") as f:
         for name, value in arrays.items():
@@ -291,7 +301,7 @@ def test_incremental_noop_new_subject_changed_and_deleted_file(spark, h5_tree_co
     path = os.path.join(root, "S0002", "2024-03-05.h5")
     with h5py.File(path, "r+") as f:
         f["label"][0] = 1 - f["label"][0] if f["label"][0] in (0, 1) else 0
-    changed = convert(root, url, spark=spark)
+    changed = convert(root, url, spark=spark, superseded_grace_s=0)  # no reader to wait for
     assert changed["files"]["converted"] == 1 and changed["files"]["skipped"] == 9
     assert len(_part_stats(url)) == 10
     _assert_dataset_equals_h5(pio.read_windows(url), _h5_days(root))
@@ -305,7 +315,7 @@ def test_incremental_noop_new_subject_changed_and_deleted_file(spark, h5_tree_co
     # 5. a deleted file (and a deleted subject): gone from the dataset
     shutil.rmtree(os.path.join(root, "S0003"))
     os.remove(os.path.join(root, "S0004", "2024-03-05.h5"))
-    removed = convert(root, url, spark=spark)
+    removed = convert(root, url, spark=spark, superseded_grace_s=0)
     assert removed["files"]["removed"] == 3 and removed["files"]["converted"] == 0
     assert removed["removed"] == ["S0003/2024-03-04.h5", "S0003/2024-03-05.h5", "S0004/2024-03-05.h5"]
     assert len(_part_stats(url)) == 7
@@ -372,3 +382,83 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, h5_tree, spark):
     dataset.write_bytes(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 12345}).encode(), LOCK_NAME)
     report = convert(h5_tree, dataset.url, spark=spark)
     assert report["files"]["converted"] > 0 and not dataset.exists(LOCK_NAME)
+
+
+@pytest.mark.slow
+def test_broken_symlinks_in_the_input_are_reported(spark, h5_tree_copy, tmp_path):
+    """pyarrow's listing drops them silently: a subject or day would vanish without a word."""
+    root = h5_tree_copy
+    os.symlink("/nonexistent/study/S0042", os.path.join(root, "S0042"))  # dangling subject folder
+    day = os.path.join(root, "S0001", "2024-03-09.h5")
+    os.symlink(day, day)  # a loop
+    report = convert(root, str(tmp_path / "windows"), spark=spark)
+    assert report["files"]["converted"] == 8
+    assert _quarantined(report, os.path.join(root, "S0042"))["problem"] == (
+        "expected a folder or an H5 file, found a dangling symbolic link (-> /nonexistent/study/S0042)")
+    assert _quarantined(report, day)["problem"] == (
+        f"expected a folder or an H5 file, found a symbolic link loop (-> {day})")
+
+
+def test_an_empty_input_folder_is_an_error(tmp_path):
+    (tmp_path / "study").mkdir()
+    with pytest.raises(h5format.H5FormatError, match="found an empty folder"):
+        convert(str(tmp_path / "study"), str(tmp_path / "windows"))
+    assert not (tmp_path / "windows" / pio.MANIFEST_NAME).exists()  # nothing published
+
+
+@pytest.mark.slow
+def test_the_convert_lock_beats_so_another_host_can_take_it_over(spark, h5_tree, tmp_path):
+    import json
+    import threading
+    import time
+
+    from cerebro_tasks.deeppostures.convert import LOCK_HEARTBEAT_S, LOCK_NAME
+
+    lock = tmp_path / "windows" / LOCK_NAME
+    seen: list[dict] = []
+
+    def watch() -> None:
+        while not seen and not done.is_set():
+            try:
+                seen.append(json.loads(lock.read_bytes()))
+            except (OSError, ValueError):
+                time.sleep(0.01)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    convert(h5_tree, str(tmp_path / "windows"), spark=spark)
+    done.set()
+    watcher.join(5)
+    assert seen and seen[0]["heartbeat_s"] == LOCK_HEARTBEAT_S and seen[0]["token"]
+
+
+@pytest.mark.slow
+def test_a_reader_on_the_old_manifest_still_reads_every_part_it_lists(spark, h5_tree_copy, tmp_path):
+    """A convert that supersedes parts keeps them for the grace period, then a later one deletes them."""
+    import json
+    import time
+
+    root, url = h5_tree_copy, str(tmp_path / "windows")
+    convert(root, url, spark=spark)
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        old_manifest = json.load(f)  # a reader has just read the manifest...
+    path = os.path.join(root, "S0002", "2024-03-05.h5")
+    with h5py.File(path, "r+") as f:
+        f["label"][0] = 1 - f["label"][0] if f["label"][0] in (0, 1) else 0
+    os.remove(os.path.join(root, "S0001", "2024-03-05.h5"))
+    changed = convert(root, url, spark=spark, superseded_grace_s=1.0)  # ...when another convert commits
+    assert changed["files"]["converted"] == 1 and changed["files"]["removed"] == 1
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        new_manifest = json.load(f)
+    gone = sorted({e["part"] for e in old_manifest["files"].values()} - {e["part"] for e in new_manifest["files"].values()})
+    assert len(gone) == 2 and sorted(new_manifest["superseded"]) == gone
+    for e in old_manifest["files"].values():  # every file the old manifest lists is still there
+        assert os.path.exists(os.path.join(url, e["part"]))
+    _assert_dataset_equals_h5(pio.read_windows(url), _h5_days(root))  # new readers see the new version
+    time.sleep(1.1)
+    later = convert(root, url, spark=spark, superseded_grace_s=1.0)
+    assert later["files"]["converted"] == 0 and later["version"] == changed["version"]
+    assert not any(os.path.exists(os.path.join(url, p)) for p in gone)
+    with open(os.path.join(url, pio.MANIFEST_NAME)) as f:
+        assert json.load(f)["superseded"] == {}

@@ -31,8 +31,8 @@ LEVELS: dict[str, int] = {
 }
 
 # The engine's pure core: no TensorFlow, Spark or Airflow anywhere in these modules.
-PURE = ["mop/scheduler.py", "mop/lockstep.py", "mop/journal.py", "mop/timeline.py", "mop/workload.py",
-        "search/space.py", "search/selection.py", "storage/layout.py",
+PURE = ["mop/scheduler.py", "mop/lockstep.py", "mop/journal.py", "mop/metric_state.py", "mop/timeline.py",
+        "mop/workload.py", "search/space.py", "search/selection.py", "storage/layout.py",
         # the search driver, its searchers and stopping rules: tested in milliseconds without Spark
         "search/driver.py", "search/searcher.py", "search/stopping/__init__.py", "search/stopping/base.py",
         "search/stopping/asha.py", "search/stopping/hyperband.py", "search/stopping/median.py"]

@@ -63,6 +63,9 @@ def run(noise_seed: int | None, P: int = 3, epochs: int = 3, add_on_done: bool =
             w, u, result, duration = ready
             assert result["unit"] == u and duration == cost(u)
             finished(w, u, duration)
+        # lockstep alone never leaves every worker idle while work is pending: when nothing
+        # really runs, every held result has been released and the run is over
+        assert heap or s.done, "all workers idle with work pending"
     assert s.done
     return trace
 

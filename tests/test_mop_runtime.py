@@ -66,6 +66,20 @@ def test_histories_and_checkpoints(first_run):
     assert result.figures["reused_models"] >= 1  # a model staying on its worker was not reloaded
 
 
+def checkpoints(run_url: str, model_id: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(run_url, "models", model_id)))
+
+
+def test_only_the_checkpoints_still_needed_are_kept(first_run):
+    """Default keep_checkpoints="needed", no selection metric: each model keeps its final one;
+    every accepted attempt became the plain name, no attempt file is left behind."""
+    run_url, result = first_run
+    for model_id in result.specs:
+        assert checkpoints(run_url, model_id) == ["ckpt-00004.keras"]
+    assert all(len(r["attempt"]) == 12 for r in result.records)
+    assert len({r["attempt"] for r in result.records}) == len(result.records)
+
+
 def test_metrics_are_weighted_by_samples(first_run):
     _, result = first_run
     recs = [r for r in result.records if r["unit"]["model_id"] == "m1" and r["unit"]["kind"] == "val"
@@ -140,10 +154,20 @@ class JitteryWorkload(SyntheticWorkload):
 
 def test_lockstep_same_seed_same_schedule_and_weights_despite_timing_noise(spark, tmp_path):
     workload = JitteryWorkload(rows_per_partition=256, features=8)
+    # which checkpoints are kept changes nothing else: the second run keeps all of them
+    keep = [dict(select=("val_loss", "max")), dict(keep_checkpoints="all")]
     runs = [run_mop(spark, workload, specs(3, 2), str(tmp_path / f"run{i}"), num_workers=2, seed=5,
-                    schedule="lockstep") for i in range(2)]
+                    schedule="lockstep", **keep[i]) for i in range(2)]
     schedules = [[(r["worker_id"], tuple(sorted(r["unit"].items()))) for r in run.records] for run in runs]
     assert schedules[0] == schedules[1]  # same units, same workers, same order
     for model_id, history in runs[0].histories.items():
         for key, values in history.items():
             assert runs[1].histories[model_id][key] == pytest.approx(values, rel=1e-6, abs=1e-7), (model_id, key)
+
+    for model_id, history in runs[0].histories.items():
+        all_steps = [f"ckpt-{step:05d}.keras" for step in range(1, 5)]
+        assert checkpoints(str(tmp_path / "run1"), model_id) == all_steps
+        # kept: the final one, and the best epoch's by the selection metric (here: the highest loss)
+        best_epoch = max(range(2), key=lambda e: history["val_loss"][e])
+        expected = {"ckpt-00004.keras", f"ckpt-{(best_epoch + 1) * 2:05d}.keras"}
+        assert set(checkpoints(str(tmp_path / "run0"), model_id)) == expected

@@ -65,6 +65,7 @@ compression: see :mod:`cerebro_tasks.deeppostures.petastorm_io`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -118,8 +119,12 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
     if store.fs.get_file_info(root).type != pafs.FileType.Directory:
         raise h5format.H5FormatError(h5_root, "path", "expected a directory of subject folders, found none")
     files: list[dict] = []
-    rejected: list[dict] = []
-    for sub in sorted(store.fs.get_file_info(pafs.FileSelector(root)), key=lambda i: i.path):
+    rejected: list[dict] = _broken_links(store, root)
+    subjects = store.fs.get_file_info(pafs.FileSelector(root))
+    if not subjects and not rejected:
+        raise h5format.H5FormatError(h5_root, "path", "expected subject folders of <YYYY-MM-DD>.h5 files, "
+                                     "found an empty folder (a wrong path, or a disk not mounted?)")
+    for sub in sorted(subjects, key=lambda i: i.path):
         name = posixpath.basename(sub.path)
         if name.startswith("."):
             continue
@@ -131,6 +136,7 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
         except h5format.H5FormatError as err:
             rejected.append(_record(_display(store, sub.path), "subject", f"{err.problem} (subject folder name)"))
             continue
+        rejected.extend(_broken_links(store, sub.path))
         for day in sorted(store.fs.get_file_info(pafs.FileSelector(sub.path)), key=lambda i: i.path):
             fname = posixpath.basename(day.path)
             if fname.startswith("."):
@@ -150,6 +156,29 @@ def list_h5_tree(h5_root: str) -> tuple[list[dict], list[dict]]:
                           "date": date.isoformat(), "size": int(day.size), "mtime_ns": int(day.mtime_ns or 0)})
     files.sort(key=lambda f: (f["subject"], f["date"]))
     return files, rejected
+
+
+def _broken_links(store: Store, folder: str) -> list[dict]:
+    """Symbolic links in ``folder`` that lead nowhere, as quarantine records.
+
+    pyarrow's listing leaves out a link whose target is missing or that loops, so without this a
+    subject or a day would vanish from the dataset without a word. Only local folders have links.
+    """
+    if not store.is_local:
+        return []
+    out = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_symlink():
+                continue
+            try:
+                os.stat(entry.path)
+            except OSError as err:
+                target = os.readlink(entry.path)
+                what = "a symbolic link loop" if err.errno == errno.ELOOP else "a dangling symbolic link"
+                out.append(_record(_display(store, entry.path), "path",
+                                   f"expected a folder or an H5 file, found {what} (-> {target})"))
+    return out
 
 
 def _display(store: Store, path: str) -> str:
@@ -419,12 +448,20 @@ def _raise_tagged(err: BaseException) -> None:
 
 
 LOCK_NAME = "_cerebro_convert.lock"
+# the holder refreshes the lock this often; one silent for three beats (a killed task on another
+# host) is taken over, as the run lock is
+LOCK_HEARTBEAT_S = 30.0
+# A part the new manifest no longer lists (its file changed or went) stays this long after the
+# commit, recorded in the manifest's "superseded": a reader that read the old manifest just before
+# the commit (a split or predict job, minutes to hours) can still open every file it lists. A
+# later conversion deletes it.
+SUPERSEDED_GRACE_S = 24 * 3600.0
 
 
 def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = False, verify: bool = False,
             row_group_rows: int = pio.DEFAULT_ROW_GROUP_ROWS, measure_memory: bool = False,
             lock_wait_s: float = 3600.0, timezone: str | None = None,
-            label_map: dict[str, int] | str | None = None) -> dict:
+            label_map: dict[str, int] | str | None = None, superseded_grace_s: float = SUPERSEDED_GRACE_S) -> dict:
     """Convert (incrementally) every H5 day file under ``h5_root`` into the dataset at ``dataset_url``.
 
     Returns a report: ``files`` counts (listed, converted, skipped, unchanged_content, removed,
@@ -440,14 +477,15 @@ def convert(h5_root: str, dataset_url: str, *, spark=None, fail_fast: bool = Fal
     """
     store = Store(dataset_url)
     _refuse_foreign_folder(store)
-    with store.lock(LOCK_NAME, wait_s=lock_wait_s):
+    with store.lock(LOCK_NAME, wait_s=lock_wait_s, heartbeat_s=LOCK_HEARTBEAT_S):
         return _convert_locked(h5_root, store, spark=spark, fail_fast=fail_fast, verify=verify,
                                row_group_rows=row_group_rows, measure_memory=measure_memory,
-                               timezone=timezone, label_map=label_map)
+                               timezone=timezone, label_map=label_map, superseded_grace_s=superseded_grace_s)
 
 
 def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verify: bool, row_group_rows: int,
-                    measure_memory: bool, timezone: str | None, label_map: dict | str | None) -> dict:
+                    measure_memory: bool, timezone: str | None, label_map: dict | str | None,
+                    superseded_grace_s: float = SUPERSEDED_GRACE_S) -> dict:
     started = time.perf_counter()
     dataset_url = store.url
     if spark is None:
@@ -541,11 +579,19 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
     obsolete_parts -= live_parts
 
     changed = bool(converted or removed or obsolete_parts)
+    # superseded parts wait out the grace period (part name -> when it was superseded, epoch s)
+    now = time.time()
+    old_superseded: dict[str, float] = manifest.get("superseded", {})
+    superseded = {p: t for p, t in old_superseded.items() if p not in live_parts}
+    superseded.update({p: now for p in obsolete_parts if p not in superseded})
+    expired = sorted(p for p, t in superseded.items() if now - float(t) >= superseded_grace_s)
+    superseded = {p: t for p, t in sorted(superseded.items()) if p not in expired}
     manifest_dirty = changed or unchanged_content or quarantine != old_quarantine \
-        or not store.exists(pio.MANIFEST_NAME)
+        or superseded != old_superseded or not store.exists(pio.MANIFEST_NAME)
     manifest_dirty = manifest_dirty or manifest.get("timezone") != zone or manifest.get("label_map") != label_map
     new_manifest = dict(manifest, files=dict(sorted(new_files.items())), quarantine=dict(sorted(quarantine.items())),
-                        h5_root=h5_root, row_group_rows=int(row_group_rows), timezone=zone, label_map=label_map)
+                        h5_root=h5_root, row_group_rows=int(row_group_rows), timezone=zone, label_map=label_map,
+                        superseded=superseded)
     if changed:
         new_manifest["version"] = int(manifest.get("version", 0)) + 1
         new_manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -556,10 +602,10 @@ def _convert_locked(h5_root: str, store: Store, *, spark, fail_fast: bool, verif
         store.fs.move(stage_store.path(r["part"]), store.path(r["part"]))
     if manifest_dirty:
         store.write_json(new_manifest, pio.MANIFEST_NAME)
-    for part in sorted(obsolete_parts):
+    for part in expired:
         _delete_file(store, part)
     _cleanup_stage(store, None)
-    orphans = _remove_orphans(store, live_parts)
+    orphans = _remove_orphans(store, live_parts | set(superseded))
     if changed or orphans or not _petastorm_metadata_current(store, new_files):
         pio.write_petastorm_metadata(store.url_of() if not store.is_local else store.path(),
                                      {e["part"]: e["row_groups"] for e in new_files.values()})

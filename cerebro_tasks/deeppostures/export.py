@@ -115,6 +115,11 @@ def export_best(run_url: str, export_url: str, top_k: int = 1, as_of: str | None
     to this export only when no export with a later `as_of` holds it (`latest` in the summary).
     """
     run = Store(run_url)
+    if not run.exists(layout.RESULT):
+        # an unfinished (or failed) run has no result.json yet; a bare FileNotFoundError would not say so
+        state = "is still running or was interrupted" if run.exists(layout.CONFIG) else "does not exist"
+        raise ValueError(f"{run_url}: no {layout.RESULT}: the run {state}; export a run once its train "
+                         "step has finished (resume it with the same run id)")
     result = run.read_json(layout.RESULT)
     config = run.read_json(layout.CONFIG)["config"]
     history = run.read_json(layout.HISTORY)

@@ -82,6 +82,8 @@ DATASETS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
 WINDOW_SECONDS = 10
 SAMPLES_PER_WINDOW = 100
 WINDOWS_PER_DAY = 86_400 // WINDOW_SECONDS  # 8640
+# what a day file may declare: the longest local day (25 h, when daylight saving time ends)
+MAX_WINDOWS_PER_FILE = 25 * 3600 // WINDOW_SECONDS  # 9000
 LABEL_VALUES = (-1, 0, 1)
 FLAG_VALUES = (0, 1)
 
@@ -343,6 +345,9 @@ def _check_metadata(path: str, datasets: dict[str, h5py.Dataset]) -> None:
             raise H5FormatError(path, name, f"expected shape {_shape_text(trailing)}, "
                                 f"found {shape}")
     n = datasets["time"].shape[0]
+    if n > MAX_WINDOWS_PER_FILE:  # checked before reading: such a file would not fit in memory
+        raise H5FormatError(path, "time", f"expected at most {MAX_WINDOWS_PER_FILE} windows (a 25-hour day of "
+                            f"{WINDOW_SECONDS} s windows), found datasets of {n}")
     for name in DATASETS:
         if datasets[name].shape[0] != n:
             raise H5FormatError(path, name, f"expected {n} windows (the length of 'time'), "

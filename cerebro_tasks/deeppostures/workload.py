@@ -34,7 +34,8 @@ METRICS = ("loss", "accuracy", "balanced_accuracy")
 def check_search(space: dict[str, Any], metric: str) -> None:
     """Fail before any Spark job on a space or metric this workload cannot train or report.
 
-    Every fixed choice is checked as the model builder will see it; for distributions, the range.
+    Every fixed choice is checked as the model builder will see it; for distributions, the range
+    (for window_minutes, every value in it).
     """
     from cerebro_tasks.errors import ConfigError
     from cerebro_tasks.deeppostures.sequences import window_size_for
@@ -57,11 +58,32 @@ def check_search(space: dict[str, Any], metric: str) -> None:
                 raise ConfigError(f"search.space: {name!r} must be numbers, got {v!r}")
             if name in positive and v <= 0 or name == "l2" and v < 0:
                 raise ConfigError(f"search.space: {name!r} must be {'>= 0' if name == 'l2' else '> 0'}, got {v!r}")
-            if name == "window_minutes":
+        if name == "window_minutes":
+            # every value the search can propose must be a whole number of windows, not just the ends
+            for v in _window_minutes_values(dim):
                 try:
                     window_size_for(v)
                 except ValueError as e:
                     raise ConfigError(f"search.space: window_minutes {v!r}: {e}") from None
+
+
+def _window_minutes_values(dim: Any) -> list[float]:
+    """Every value a window_minutes dimension can take; a continuous range is refused."""
+    from cerebro_tasks.errors import ConfigError
+    from cerebro_tasks.search.space import _quantise
+
+    if dim.kind == "choice":
+        return list(dim.args[0])
+    if dim.kind in ("uniform", "loguniform"):
+        raise ConfigError(f"search.space: window_minutes {dim.to_json()}: a continuous range proposes lengths that "
+                          "are not whole 10-second windows; use a choice, or quniform with q a multiple of 1/6")
+    low, high, q = dim.args
+    if dim.kind == "qloguniform":
+        low, high = 10.0 ** low, 10.0 ** high
+    first, last = round(low / q), round(high / q)
+    if last - first > 10_000:
+        raise ConfigError(f"search.space: window_minutes {dim.to_json()}: more than 10000 values")
+    return [_quantise(k * q, q) for k in range(first, last + 1)]
 
 
 def model_params(params: dict[str, Any]) -> dict[str, Any]:

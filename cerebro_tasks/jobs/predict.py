@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import time
 from typing import Any, Iterable, Iterator
 
@@ -135,6 +136,21 @@ def list_subjects(dataset_url: str, as_of_ns: int | None = None) -> list[str]:
 
 
 LEDGER = "_predicted_subjects.json"
+# a model name is one folder under the predictions root: no separators, no '..', no hidden names
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_inputs(model_url: str, model_name: str) -> None:
+    """What predict needs before any Spark job: an export folder holding model.keras, and a model
+    name that stays inside the predictions folder. Raises ValueError naming the problem."""
+    from cerebro_tasks.storage.store import Store
+
+    if not _MODEL_NAME.match(model_name) or ".." in model_name:
+        raise ValueError(f"model name {model_name!r}: expected letters, digits and _.- (one folder inside the "
+                         "predictions folder)")
+    if not Store(model_url).exists("model.keras"):
+        raise ValueError(f"{model_url}: no model.keras here; expected an export folder (cerebro-tasks export "
+                         "writes <export_dir>/<run_id>/model.keras)")
 
 
 def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: str, model_name: str,
@@ -161,6 +177,7 @@ def predict(spark: Any, *, dataset_url: str, model_url: str, predictions_url: st
 
     if padding not in PADDING_MODES:
         raise ValueError(f"padding: expected one of {PADDING_MODES}, got {padding!r}")
+    check_inputs(model_url, model_name)
     study = dataset_study(dataset_url)
     label_map = check_label_map(study["label_map"] if label_map is None else label_map)
     _check_classes(model_url, label_map)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from cerebro_tasks.config import TrainConfig
+from cerebro_tasks.errors import ConfigError
 from cerebro_tasks.deeppostures.workload import DeepPosturesWorkload, check_search, relative_cost
 from cerebro_tasks.mop.runtime import MopDriver
 from cerebro_tasks.mop.workload import ModelSpec
@@ -73,13 +74,17 @@ def train(config: TrainConfig, spark: Any) -> dict[str, Any]:
     """Run the search; returns the small result (also written to result.json)."""
     config.validate()
     check_search(config.search.space, config.search.metric)
-    check_same_run(Store(config.run_url), config_dict(config), split_key(config.prepared_url))
+    check_split(config.prepared_url, config.num_workers)  # before config.json claims the run id
+    # neither the attempts allowed, nor which checkpoints are kept, nor the cache changes what is trained
+    check_same_run(Store(config.run_url), config_dict(config), split_key(config.prepared_url),
+                   ignore=("max_job_attempts", "keep_checkpoints", "model_cache_mb"))
     weights = class_weights(spark, config.prepared_url, config.num_workers)
     log.info("class weights (sitting, not-sitting): %s", ", ".join(f"{w:.3f}" for _, w in weights))
     workload = DeepPosturesWorkload(config.prepared_url, batch_size=config.batch_size, class_weight=weights)
     mop = MopDriver(spark, workload, config.run_url, num_workers=config.num_workers, seed=config.search.seed,
                     max_job_attempts=config.max_job_attempts, schedule=config.schedule,
-                    model_cache_mb=config.model_cache_mb)
+                    model_cache_mb=config.model_cache_mb, keep_checkpoints=config.keep_checkpoints,
+                    select=(config.search.metric, config.search.direction))
     search = search_driver(config, mop)
     search.start()
     log.info("run %s: %s search, %d models x %d epochs on %d workers, selecting on %s (%s, %s)%s", config.run_id,
@@ -123,6 +128,26 @@ def finish(config: TrainConfig, search: SearchDriver, result: Any, seconds: floa
     log.info("run %s done in %.1f s: best %s %s=%.4f at epoch %d %s", config.run_id, seconds, best, outcome.metric,
              outcome.best_value, outcome.best_epoch + 1, result.specs[best].params)
     return out
+
+
+def check_split(prepared_url: str, num_workers: int) -> None:
+    """The prepared split exists and has one train and one val partition per worker, or a
+    ConfigError in one line: checked before anything of the run is written."""
+    from cerebro_tasks.deeppostures.split import SPLIT_FILE
+
+    prepared = Store(prepared_url)
+    if not prepared.exists(SPLIT_FILE):
+        raise ConfigError(f"prepared_url {prepared_url}: no prepared split here ({SPLIT_FILE} missing); run "
+                          "`cerebro-tasks split` first, or fix the path")
+    workers = prepared.read_json(SPLIT_FILE).get("workers")
+    if workers != num_workers:
+        raise ConfigError(f"num_workers: the split at {prepared_url} has {workers} partitions per split, the run "
+                          f"asks for {num_workers} workers; split again with --workers {num_workers}, or use "
+                          f"num_workers={workers}")
+    missing = [f"{kind}/part-{p}" for kind in ("train", "val") for p in range(num_workers)
+               if not prepared.exists(kind, f"part-{p}")]
+    if missing:
+        raise ConfigError(f"prepared_url {prepared_url}: partition folder(s) {missing} missing; split again")
 
 
 def split_key(prepared_url: str) -> dict[str, Any] | None:

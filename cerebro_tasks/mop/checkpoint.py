@@ -84,9 +84,10 @@ def decode_into(model: Any, data: bytes, where: str) -> None:
         v.assign(a)
 
 
-def save_state(store: Store, model: Any, model_id: str, step: int) -> None:
-    """Write ``ckpt-<step>.state`` of `model_id` atomically."""
-    store.write_bytes(encode_state(model), *state_name(model_id, step))
+def save_state(store: Store, model: Any, model_id: str, step: int, attempt: str | None = None) -> None:
+    """Write ``ckpt-<step>.state`` of `model_id` atomically (``ckpt-<step>.<attempt>.state`` for one
+    dispatch of a unit, which the driver renames once it accepts the unit)."""
+    store.write_bytes(encode_state(model), *state_name(model_id, step, attempt))
 
 
 def load_state(store: Store, model: Any, model_id: str, step: int) -> None:
@@ -105,9 +106,10 @@ def load_state(store: Store, model: Any, model_id: str, step: int) -> None:
     decode_into(model, store.read_bytes(*parts), store.url_of(*parts))
 
 
-def save_checkpoint(store: Store, model: Any, model_id: str, step: int) -> None:
-    """Write the whole model as ``ckpt-<step>.keras``: a reader sees no file or the whole new one."""
-    parts = checkpoint_name(model_id, step)
+def save_checkpoint(store: Store, model: Any, model_id: str, step: int, attempt: str | None = None) -> None:
+    """Write the whole model as ``ckpt-<step>.keras`` (``attempt`` as for :func:`save_state`): a
+    reader sees no file or the whole new one."""
+    parts = checkpoint_name(model_id, step, attempt)
     if store.is_local:
         final = store.path(*parts)
         os.makedirs(os.path.dirname(final), exist_ok=True)

@@ -4,17 +4,36 @@
 a worker must prove it knows the per-run secret before the driver reads a single message from it.
 Workers push a message the moment a unit ends, and the driver waits on all connections at once,
 so a hop costs no polling delay (Cerebro polls every 2 s).
+
+The channel is authenticated, not encrypted: messages (units, model specs, metrics) cross the
+network in the clear, so the driver and the executors must share a trusted network, as Spark's
+own RPC does unless ``spark.network.crypto.enabled`` is set. It listens on Spark's
+``spark.driver.bindAddress`` when that is set (a driver in a container or pod binding 0.0.0.0),
+else on ``spark.driver.host``, and tells the workers to connect to ``spark.driver.host``.
+
+Each connection is authenticated in a thread of its own with a deadline
+(``HANDSHAKE_TIMEOUT_S``), so a peer that connects and says nothing, or says garbage, costs one
+short-lived thread and never holds up the workers joining beside it.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import secrets
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import (AuthenticationError, Connection, Listener, answer_challenge,
+                                        deliver_challenge)
 from typing import Any
+
+log = logging.getLogger("cerebro_tasks.mop")
+
+# Seconds a new connection has to pass the challenge and say hello. A worker does both at once
+# (it connects only after TensorFlow is up), so this is generous.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -27,8 +46,9 @@ class Message:
         return cls("hello", {"partition": partition, "info": info})
 
     @classmethod
-    def unit(cls, unit: Any, spec: Any) -> "Message":
-        return cls("unit", {"unit": unit, "spec": spec})
+    def unit(cls, unit: Any, spec: Any, attempt: str) -> "Message":
+        # attempt: this dispatch's id; a train unit writes its checkpoint under it (storage/layout.py)
+        return cls("unit", {"unit": unit, "spec": spec, "attempt": attempt})
 
     @classmethod
     def done(cls, unit: Any, result: dict[str, Any]) -> "Message":
@@ -47,29 +67,41 @@ class Message:
         return cls("stop")
 
 
-def driver_host() -> str:
-    """The address workers can reach the driver at: Spark's own choice when a context exists."""
+def _spark_conf(key: str) -> str | None:
     try:
         from pyspark import SparkContext
-
-        sc = SparkContext._active_spark_context
-        if sc is not None:
-            host = sc.getConf().get("spark.driver.host", None)
-            if host:
-                return host
     except ImportError:
-        pass
-    return socket.gethostbyname(socket.gethostname())
+        return None
+    sc = SparkContext._active_spark_context
+    return sc.getConf().get(key, None) if sc is not None else None
+
+
+def driver_host() -> str:
+    """The address workers can reach the driver at: Spark's own choice when a context exists."""
+    return _spark_conf("spark.driver.host") or socket.gethostbyname(socket.gethostname())
+
+
+def driver_bind_address() -> str:
+    """Where the channel listens: Spark's ``spark.driver.bindAddress`` if set, else the host."""
+    return _spark_conf("spark.driver.bindAddress") or driver_host()
 
 
 class ControlServer:
-    """Listens for workers on one port of the driver's address; hands over authenticated connections."""
+    """Listens for workers on one port; hands over authenticated connections that said hello.
 
-    def __init__(self, host: str | None = None) -> None:
+    Args:
+        host: the address workers connect to (default: ``driver_host()``).
+        bind: the address to listen on (default: ``host`` when given, else
+            ``driver_bind_address()``); never a wildcard unless Spark's own bind address is one.
+    """
+
+    def __init__(self, host: str | None = None, bind: str | None = None,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.secret = secrets.token_bytes(32)
-        # bind only to the interface the workers use (loopback in local mode), never 0.0.0.0
-        self._listener = Listener((host or driver_host(), 0), authkey=self.secret)
-        self.address: tuple[str, int] = self._listener.address
+        self.handshake_timeout_s = handshake_timeout_s
+        # no authkey here: the challenge runs per connection in _handshake, off the accept loop
+        self._listener = Listener((bind or host or driver_bind_address(), 0))
+        self.address: tuple[str, int] = (host or driver_host(), self._listener.address[1])
         self.joined: "queue.Queue[tuple[Connection, Message]]" = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="mop-control-accept", daemon=True)
@@ -78,22 +110,31 @@ class ControlServer:
     def _accept(self) -> None:
         while not self._closed:
             try:
-                conn = self._listener.accept()  # raises AuthenticationError for a wrong secret
+                conn = self._listener.accept()  # plain TCP accept: returns at once
             except OSError:
                 if self._closed:
                     return
                 continue
-            except Exception:  # a peer without the secret: drop it and keep listening
-                continue
-            try:
-                if conn.poll(30):
-                    first = conn.recv()
-                    if isinstance(first, Message) and first.kind == "hello":
-                        self.joined.put((conn, first))
-                        continue
-            except (EOFError, OSError):
-                pass
-            conn.close()
+            threading.Thread(target=self._handshake, args=(conn,), name="mop-control-handshake",
+                             daemon=True).start()
+
+    def _handshake(self, conn: Connection) -> None:
+        """Authenticate one peer and read its hello within the deadline, or drop it."""
+        try:
+            _set_recv_timeout(conn, self.handshake_timeout_s)
+            deliver_challenge(conn, self.secret)
+            answer_challenge(conn, self.secret)
+            if conn.poll(self.handshake_timeout_s):
+                first = conn.recv()
+                if isinstance(first, Message) and first.kind == "hello":
+                    _set_recv_timeout(conn, 0)  # from now on the driver waits on it as it likes
+                    self.joined.put((conn, first))
+                    return
+        except (AuthenticationError, EOFError, OSError) as e:  # OSError: timed out, reset, garbage
+            log.debug("control channel: dropped a peer that did not authenticate: %s", e)
+        except Exception as e:  # an authenticated peer that sent something unpicklable
+            log.warning("control channel: dropped a peer after a bad first message: %s", e)
+        conn.close()
 
     def close(self) -> None:
         self._closed = True
@@ -101,3 +142,14 @@ class ControlServer:
             self._listener.close()
         except OSError:
             pass
+
+
+def _set_recv_timeout(conn: Connection, seconds: float) -> None:
+    """A receive deadline on the connection's socket (0: none); a blocked read then fails."""
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    finally:
+        sock.detach()  # the descriptor stays the connection's

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from cerebro_tasks.mop import metric_state
 from cerebro_tasks.mop.scheduler import Unit
 from cerebro_tasks.storage.store import Store
 from cerebro_tasks.storage import layout
@@ -58,10 +59,12 @@ def resume_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def histories(records: list[dict[str, Any]], num_partitions: int) -> dict[str, dict[str, list[float]]]:
     """Per model, per-epoch `train_<metric>` and `val_<metric>` lists.
 
-    Partition metrics are averaged weighted by the number of samples each partition held (not by
-    batches, which is what Cerebro did and which over-weights small partitions' last batch). An
-    epoch appears only once all of its partitions reported, so a history never mixes a complete
-    epoch with a partial one.
+    A metric whose units reported its state (``metric_state``) is computed once from the state
+    summed over the partitions: the figure of the whole epoch's data (mop/metric_state.py).
+    Others are averaged weighted by the number of samples each partition held (not by batches,
+    which is what Cerebro did and which over-weights small partitions' last batch). An epoch
+    appears only once all of its partitions reported, so a history never mixes a complete epoch
+    with a partial one.
     """
     acc: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in records:
@@ -75,13 +78,25 @@ def histories(records: list[dict[str, Any]], num_partitions: int) -> dict[str, d
         # an empty partition (fewer subjects than workers) reports no metrics and weighs nothing
         names = sorted({name for r in recs for name in r["metrics"]})
         for name in names:
-            weighted = [(_number(r["metrics"][name]), r["num_samples"]) for r in recs
-                        if name in r["metrics"] and r["num_samples"] > 0]
-            total = sum(n for _, n in weighted)
-            value = sum(v * n for v, n in weighted) / total if total > 0 else float("nan")
+            reporting = [r for r in recs if name in r["metrics"] and r["num_samples"] > 0]
+            value = _merged(name, reporting)
+            if value is None:
+                weighted = [(_number(r["metrics"][name]), r["num_samples"]) for r in reporting]
+                total = sum(n for _, n in weighted)
+                value = sum(v * n for v, n in weighted) / total if total > 0 else float("nan")
             series = h.setdefault(f"{kind}_{name}", [])
             # epochs arrive in order per (model, kind) thanks to the sort; keep position == epoch
             while len(series) < epoch:
                 series.append(float("nan"))
             series.append(float(value))
     return out
+
+
+def _merged(name: str, records: list[dict[str, Any]]) -> float | None:
+    """``name`` computed from its state summed over ``records``; None when some record lacks it
+    (a journal from before states were kept, or a metric without a known mergeable state)."""
+    entries = [r.get("metric_state", {}).get(name) for r in records]
+    if not entries or any(e is None or not metric_state.supported(e) for e in entries):
+        return None
+    value = metric_state.result(metric_state.merge(entries))
+    return float(value) if isinstance(value, float) else None  # a vector (several thresholds): no scalar figure

@@ -43,7 +43,9 @@ class Lockstep:
                           worker_id, unit, result, duration = ready
                           scheduler.unit_finished(worker_id, unit, duration)
                           for w, u in scheduler.assign(): dispatch(...); lock.dispatched(w, u)
-        on a failure: lock.forget(worker_id), then tell the scheduler
+        on a failure: lock.forget(worker_id), tell the scheduler, then release as above: the
+                      forgotten unit may be the one the held results were waiting for, and
+                      nothing else would release them (every worker could sit idle for good)
     """
 
     def __init__(self, cost: Callable[[Unit], float]) -> None:

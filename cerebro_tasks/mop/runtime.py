@@ -39,6 +39,7 @@ from cerebro_tasks.mop.worker import barrier_task
 from cerebro_tasks.mop.workload import ModelSpec, Workload
 from cerebro_tasks.storage.store import Store
 from cerebro_tasks.storage import layout
+from cerebro_tasks.storage.layout import checkpoint_name, state_name
 
 log = logging.getLogger("cerebro_tasks.mop")
 
@@ -58,6 +59,9 @@ SCHEDULES = ("lockstep", "adaptive")
 UNIT_TIMEOUT_FACTOR = 10.0
 UNIT_TIMEOUT_MIN_S = 60.0
 LOCK_HEARTBEAT_S = 30.0
+# "needed": delete checkpoints nothing can read any more (see MopDriver._collect_checkpoints);
+# "all": keep every checkpoint every accepted train unit wrote
+KEEP_CHECKPOINTS = ("needed", "all")
 
 
 class MopError(RuntimeError):
@@ -75,6 +79,9 @@ class MopResult:
     wall_s: float
     units_run: int  # units run by this driver (not replayed from the journal)
     failed_models: list[str] = field(default_factory=list)
+    # failed model -> {"error": the exception's first line, "traceback": URL of the file holding
+    # every failed attempt's full traceback (layout.error_name)}
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class MopDriver:
@@ -83,11 +90,20 @@ class MopDriver:
     def __init__(self, spark: Any, workload: Workload, run_url: str, *, num_workers: int, seed: int = 0,
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
                  lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
-                 unit_timeout_s: float | None = None, model_cache_mb: float | None = None) -> None:
+                 unit_timeout_s: float | None = None, model_cache_mb: float | None = None,
+                 keep_checkpoints: str = "needed", select: tuple[str, str] | None = None) -> None:
+        """``select``: (history key, "min" or "max"), the metric the search selects on: the
+        checkpoint of each model's best epoch by it is kept (with ``keep_checkpoints="needed"``)."""
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         if model_cache_mb is not None and not model_cache_mb >= 0:
             raise MopError(f"model_cache_mb must be >= 0 (megabytes of warm models per worker), got {model_cache_mb!r}")
+        if keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise MopError(f"unknown keep_checkpoints {keep_checkpoints!r}; choose one of {KEEP_CHECKPOINTS}")
+        if select is not None and select[1] not in ("min", "max"):
+            raise MopError(f"select {select!r}: the mode must be 'min' or 'max'")
+        self.keep_checkpoints = keep_checkpoints
+        self.select = select
         self.spark = spark
         self.workload = workload
         self.store = Store(run_url)
@@ -109,6 +125,9 @@ class MopDriver:
         self.specs: dict[str, ModelSpec] = {}
         self._conns: dict[str, Connection] = {}
         self._running: dict[str, Unit] = {}
+        # worker -> id of the dispatch whose result is not yet accepted (its checkpoint is not yet
+        # the model's: storage/layout.checkpoint_name)
+        self._attempts: dict[str, str] = {}
         self._worker_info: dict[str, dict[str, Any]] = {}
         self._joins: dict[int, int] = {}  # partition -> workers that joined for it
         self._units_run = 0
@@ -118,6 +137,7 @@ class MopDriver:
         self._stopped_now: list[str] = []  # stopped by the last epoch callback: complete them at once
         # epochs whose training waits for the previous epoch's validation (early stopping decides there)
         self.epoch_gates: tuple[int, ...] = ()
+        self._errors: dict[str, list[str]] = {}  # model -> the tracebacks of its failed units, oldest first
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -199,6 +219,10 @@ class MopDriver:
                 self._explain_idle()
                 self._receive(timeout=0.5, on_model_done=on_model_done)
                 self._fail_hung_units(job, on_model_done)
+                # A failed unit, a lost or superseded worker, a hung unit: each removes a unit that
+                # lockstep may have been holding results behind. Release what is now in turn, every
+                # pass, so no path that removes work leaves results (and their workers) waiting.
+                self._release_in_lockstep(on_model_done)
                 if had_workers and not self._conns:
                     job_started = time.time()  # all gone: Spark restarts the stage; time its start afresh
             if self._lockstep and self._units_run:
@@ -208,10 +232,23 @@ class MopDriver:
                 _send_quietly(conn, Message.stop())
             if job is not None:
                 job.join(timeout=120)
+            for model_id in self.specs:  # the workers are gone: a late write of a stale attempt too
+                self._collect_checkpoints(model_id)
         finally:
             for conn in self._conns.values():
                 conn.close()
+            self._conns.clear()
             server.close()
+            if job is not None and not job.finished:
+                # every exit (an error, a start timeout, KeyboardInterrupt, workers that did not
+                # stop in time) takes the barrier stage down with it: nothing of the run keeps running
+                job.cancel()
+                job.join(timeout=15)
+                if not job.finished:
+                    # a barrier job still waiting for W free slots is not started yet, so there is
+                    # nothing to cancel; Spark drops it after its slot checks (runs no task of it)
+                    log.warning("the MOP worker job %s had not started; Spark gives it up after its slot checks",
+                                job.group)
         return self._result()
 
     def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
@@ -268,9 +305,10 @@ class MopDriver:
         for worker_id, unit in self.scheduler.assign():
             self._running[worker_id] = unit
             self._dispatched_at[worker_id] = time.time()
+            self._attempts[worker_id] = attempt = uuid.uuid4().hex[:12]
             if self._lockstep:
                 self._lockstep.dispatched(worker_id, unit)
-            if not _send_quietly(self._conns[worker_id], Message.unit(unit, self.specs[unit.model_id])):
+            if not _send_quietly(self._conns[worker_id], Message.unit(unit, self.specs[unit.model_id], attempt)):
                 self._lose_worker(worker_id)
 
     def _receive(self, timeout: float, on_model_done: ModelDoneCallback | None) -> None:
@@ -280,6 +318,8 @@ class MopDriver:
         by_conn = {id(c): w for w, c in self._conns.items()}
         for conn in wait(list(self._conns.values()), timeout=timeout):
             worker_id = by_conn[id(conn)]
+            if self._conns.get(worker_id) is not conn:
+                continue  # lost earlier in this batch (a failed send, a superseding join): handled once
             try:
                 msg: Message = conn.recv()
             except (EOFError, OSError):
@@ -296,10 +336,8 @@ class MopDriver:
             elif msg.kind == "fatal":
                 raise MopError(f"{msg.payload['error']} (worker {worker_id}, run {self.store.url})")
             elif msg.kind == "failed":
-                log.error("unit %s failed on %s:\n%s", unit, worker_id, msg.payload["error"])
                 self._forget_in_lockstep(worker_id)
-                self.scheduler.unit_failed(worker_id, unit)
-                self._check_model(unit.model_id, on_model_done)
+                self._unit_failed(worker_id, unit, msg.payload["error"], on_model_done)
 
     def _unit_limit_s(self, unit: Unit) -> float | None:
         if self.unit_timeout_s is not None:
@@ -315,16 +353,20 @@ class MopDriver:
             ran = now - self._dispatched_at[worker_id]
             if limit is None or ran <= limit:
                 continue
-            again = self.scheduler.unit_failed(worker_id, unit)  # charges a retry: the unit may be at fault
-            log.error("unit %s has run %.0f s on worker %s, over its limit of %.0f s: counted as failed (%s); "
-                      "cancelling the worker stage so Spark restarts it", unit, ran, worker_id, limit,
-                      "it will run again" if again else f"model {unit.model_id} is given up")
-            self._lose_worker(worker_id)  # after unit_failed, so the unit is not also put back uncharged
-            self._check_model(unit.model_id, on_model_done)
+            self._running.pop(worker_id, None)
+            self._forget_in_lockstep(worker_id)
+            # charges a retry (the unit may be at fault) before the worker goes, so the unit is not
+            # also put back uncharged
+            self._unit_failed(worker_id, unit, f"HungUnitError: unit ran {ran:.0f} s, over its limit of "
+                              f"{limit:.0f} s; its worker stage was cancelled so Spark restarts it",
+                              on_model_done)
+            self._lose_worker(worker_id)
             job.cancel()  # a hung Python worker only goes away with its task
 
     def _release_in_lockstep(self, on_model_done: ModelDoneCallback | None) -> None:
         # one event, then assign(), then the next: exactly the sequence a simulation would see
+        if self._lockstep is None:
+            return
         while (ready := self._lockstep.pop_ready()) is not None:
             worker_id, unit, result, duration = ready
             self._unit_done(worker_id, unit, result, duration, on_model_done)
@@ -335,9 +377,37 @@ class MopDriver:
             self._lockstep.forget(worker_id)
             self._perturbed = True
 
+    def _unit_failed(self, worker_id: str, unit: Unit, error: str, on_model_done: ModelDoneCallback | None) -> None:
+        """Charge a failed attempt to its unit; keep the traceback in the run folder."""
+        self._attempts.pop(worker_id, None)
+        again = self.scheduler.unit_failed(worker_id, unit)
+        tries = self._errors.setdefault(unit.model_id, [])
+        tries.append(f"--- {unit} on worker {worker_id}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+                     f"{error.rstrip()}\n")
+        try:
+            self.store.write_bytes("\n".join(tries).encode(), *layout.error_name(unit.model_id))
+        except OSError as e:  # the log below still has it
+            log.warning("could not write the traceback of %s: %s", unit, e)
+        log.error("unit %s failed on %s (%s): %s; full traceback in %s", unit, worker_id,
+                  "it will run again" if again else f"model {unit.model_id} is given up", error_line(error),
+                  self.store.url_of(*layout.error_name(unit.model_id)))
+        log.debug("traceback of %s:\n%s", unit, error)
+        self._check_model(unit.model_id, on_model_done)
+
     def _unit_done(self, worker_id: str, unit: Unit, result: dict[str, Any], duration: float,
                    on_model_done: ModelDoneCallback | None) -> None:
         result = {**result, "worker_id": worker_id, "partition": unit.partition}
+        attempt = self._attempts.pop(worker_id, None)
+        if result.get("attempt") != attempt:
+            raise MopError(f"worker {worker_id} reported attempt {result.get('attempt')!r} of {unit}, "
+                           f"but was sent attempt {attempt!r} (run {self.store.url})")
+        if unit.kind == "train":
+            # the accepted attempt becomes the model's checkpoint; any other attempt never does. A
+            # train unit writes its state, and at an epoch's end the whole model too (mop/checkpoint.py)
+            self.store.move(state_name(unit.model_id, unit.step + 1, attempt), state_name(unit.model_id, unit.step + 1))
+            whole = checkpoint_name(unit.model_id, unit.step + 1, attempt)
+            if self.store.exists(*whole):
+                self.store.move(whole, checkpoint_name(unit.model_id, unit.step + 1))
         self.journal.record(unit, result)  # journal first: a unit is done once it is on record
         self._records.append({"unit": asdict(unit), **result})
         self._units_run += 1
@@ -353,6 +423,7 @@ class MopDriver:
         self._check_model(unit.model_id, on_model_done)
         while self._stopped_now:  # other models a decision stopped: their workers are free now
             self._check_model(self._stopped_now.pop(0), on_model_done)
+        self._collect_checkpoints(unit.model_id)
 
     def _epoch_closed(self, status: Any, epoch: int) -> bool:
         """Whether ``epoch`` of the model has all its results in (its validation, or its training)."""
@@ -364,6 +435,50 @@ class MopDriver:
         assert self._on_epoch is not None
         if self._on_epoch(model_id, epoch, history):
             self.stop(model_id)
+
+    def _collect_checkpoints(self, model_id: str) -> None:
+        """Delete the checkpoints of ``model_id`` that nothing can read any more.
+
+        Kept: the newest (the next train unit reads it; a lost unit re-runs from it), each epoch's
+        last one while that epoch's validation is not complete (val units read it), the final one
+        and the best epoch's by ``select``. Attempt files of dispatches the driver gave up on are
+        deleted too (a stale worker may still write one later; the next pass takes it). Safe at
+        any time: a train unit only ever reads its model's newest checkpoint, a val unit only its
+        epoch's last, so nothing in flight reads what goes.
+        """
+        status = self.scheduler.model_status(model_id)
+        P = self.num_workers
+        keep = {status.step, status.num_epochs * P}
+        if self.keep_checkpoints == "all":
+            keep = None
+        else:
+            validated = set(status.validated_epochs)
+            keep |= {(e + 1) * P for e in range(status.epochs_trained)
+                     if self.scheduler.validate and e not in validated}
+            best = self._best_epoch(model_id)
+            if best is not None:
+                keep.add((best + 1) * P)
+        in_flight = set(self._attempts.values())
+        for name in self.store.listdir(layout.MODELS_DIR, model_id):
+            parsed = layout.parse_checkpoint(name)
+            if parsed is None:
+                continue
+            step, attempt = parsed
+            if (attempt is None and keep is not None and step not in keep) or (
+                    attempt is not None and attempt not in in_flight):
+                try:
+                    self.store.delete(layout.MODELS_DIR, model_id, name)
+                except OSError as e:  # kept for the next pass: space is not worth failing a run
+                    log.warning("could not delete %s of %s: %s", name, model_id, e)
+
+    def _best_epoch(self, model_id: str) -> int | None:
+        if self.select is None:
+            return None
+        key, mode = self.select
+        series = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
+                           self.num_workers).get(model_id, {}).get(key, [])
+        scored = [(v if mode == "min" else -v, e) for e, v in enumerate(series) if v == v]  # skip NaN
+        return min(scored)[1] if scored else None
 
     def _check_model(self, model_id: str, on_model_done: ModelDoneCallback | None) -> None:
         if model_id in self._completed_models:
@@ -386,7 +501,10 @@ class MopDriver:
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
+        if worker_id not in self.scheduler.workers:
+            return  # already lost (twice in one batch of events): nothing left to put back
         self._running.pop(worker_id, None)
+        self._attempts.pop(worker_id, None)
         self._forget_in_lockstep(worker_id)
         lost = self.scheduler.worker_left(worker_id)
         log.warning("worker %s left%s", worker_id, f"; unit {lost} will run again" if lost else "")
@@ -404,11 +522,23 @@ class MopDriver:
         hist = histories(self._records, self.num_workers)
         figures = timeline_figures(self._records, self.num_workers)
         self.store.write_json(hist, layout.HISTORY)
-        self.store.write_json({"records": self._records, "figures": figures}, layout.TIMELINE)
+        # the metric states are the journal's business (exact merges); the timeline stays small
+        timeline = [{k: v for k, v in r.items() if k != "metric_state"} for r in self._records]
+        self.store.write_json({"records": timeline, "figures": figures}, layout.TIMELINE)
         failed = [m for m in self.specs if self.scheduler.model_status(m).state == "failed"]
+        failures = {m: self._failure(m) for m in failed}
         return MopResult(run_url=self.store.url, specs=dict(self.specs), histories=hist, records=list(self._records),
                          workers=list(self._worker_info.values()), figures=figures, wall_s=time.time() - self._t0,
-                         units_run=self._units_run, failed_models=failed)
+                         units_run=self._units_run, failed_models=failed, failures=failures)
+
+    def _failure(self, model_id: str) -> dict[str, str]:
+        """What a failed model's summary row says: the last error's first line and where all of it is."""
+        parts = layout.error_name(model_id)
+        tries = self._errors.get(model_id)
+        if tries is None and self.store.exists(*parts):  # failed before a resume: the file has it
+            tries = [self.store.read_bytes(*parts).decode(errors="replace")]
+        return {"error": error_line(tries[-1]) if tries else "failed in an earlier attempt of this run",
+                "traceback": self.store.url_of(*parts)}
 
 
 class _BarrierJob:
@@ -455,6 +585,17 @@ def _root_cause(e: BaseException) -> str:
         if found and "Py4JJavaError" not in found.group(1):
             return found.group(1)[:500]
     return f"{type(e).__name__}: {lines[0][:500] if lines else ''}"
+
+
+def error_line(text: str) -> str:
+    """The first line of the exception a traceback ends with (``ValueError: bad shape``)."""
+    lines = text.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    # the last exception block: after its frames (indented), the first unindented line
+    for line in lines[(starts[-1] + 1) if starts else 0:]:
+        if line.strip() and not line.startswith((" ", "\t", "---")):
+            return line.strip()[:500]
+    return (lines[-1].strip() if lines else "unknown error")[:500]
 
 
 def _send_quietly(conn: Connection, msg: Message) -> bool:

@@ -67,6 +67,27 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
     }
 
 
+def capture_metric_states(model: Any) -> dict[str, dict[str, Any]]:
+    """Each compiled metric's additive state after fit/evaluate, for an exact merge over
+    partitions (mop/metric_state.py): class name, the config its result needs, its variables."""
+    import numpy as np
+
+    from cerebro_tasks.mop.metric_state import CONFIG_KEYS
+
+    out: dict[str, dict[str, Any]] = {}
+    for tracked in model.metrics:
+        # the loss tracker is a metric of its own; CompileMetrics holds the compiled ones
+        inner = tracked.metrics if type(tracked).__name__ == "CompileMetrics" else [tracked]
+        for metric in inner:
+            config = metric.get_config()
+            out[metric.name] = {
+                "class": type(metric).__name__,
+                "config": {k: config[k] for k in CONFIG_KEYS if k in config},
+                "state": {v.name: np.asarray(v).tolist() for v in metric.variables},
+            }
+    return out
+
+
 class PartitionError(RuntimeError):
     """This worker's data cannot be read: no model can train here, so the run stops."""
 
@@ -121,7 +142,7 @@ class UnitRunner:
             load_state(self.store, model, spec.model_id, step)
         return WarmModel(model, step, 0), "cold", built - started
 
-    def run(self, unit: Unit, spec: ModelSpec) -> dict[str, Any]:
+    def run(self, unit: Unit, spec: ModelSpec, attempt: str) -> dict[str, Any]:
         start = time.time()
         data = self.data(unit.kind)
         read = time.time()
@@ -143,11 +164,12 @@ class UnitRunner:
                                                                 batch_size=inputs.batch_size, verbose=0,
                                                                 callbacks=inputs.extra.get("callbacks"),
                                                                 return_dict=True).items()}
+        states = capture_metric_states(model) if inputs.num_samples else {}
         computed = time.time()
         if training:
-            save_state(self.store, model, unit.model_id, unit.step + 1)
+            save_state(self.store, model, unit.model_id, unit.step + 1, attempt)
             if self.num_partitions is None or (unit.step + 1) % self.num_partitions == 0:
-                save_checkpoint(self.store, model, unit.model_id, unit.step + 1)
+                save_checkpoint(self.store, model, unit.model_id, unit.step + 1, attempt)
             warm.step = unit.step + 1
         if inputs.num_samples:
             warm.traced.add(unit.kind)
@@ -156,6 +178,7 @@ class UnitRunner:
         end = time.time()
         return {
             "metrics": metrics,
+            "metric_state": states,
             "num_samples": int(inputs.num_samples),
             "start": start,
             "end": end,
@@ -173,6 +196,7 @@ class UnitRunner:
             "evicted": evicted,
             "rss_mb": rss_bytes() / (1 << 20),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "attempt": attempt,
         }
 
 
@@ -194,7 +218,7 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
                 break
             unit, spec = msg.payload["unit"], msg.payload["spec"]
             try:
-                result = runner.run(unit, spec)
+                result = runner.run(unit, spec, msg.payload["attempt"])
             except PartitionError as e:  # a data fault, not a model fault: say so once and stop
                 conn.send(Message.fatal(unit, str(e)))
                 break

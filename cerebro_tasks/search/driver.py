@@ -303,6 +303,10 @@ class SearchDriver:
 
 
     def _error(self, result: Any, model_id: str) -> str:
+        # the engine's account: the last error's first line and the file with every traceback
+        failure = (getattr(result, "failures", None) or {}).get(model_id)
+        if failure:
+            return f"{failure['error']} (tracebacks: {failure['traceback']})"
         return _model_error(result if getattr(result, "errors", None) else self.mop, model_id)
 
 

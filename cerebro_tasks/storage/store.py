@@ -143,6 +143,14 @@ class Store:
         except OSError:  # a hidden leftover is harmless; the new folder is in place
             pass
 
+    def move(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """Rename file ``src`` to ``dst`` in the store, replacing ``dst``: one rename where the
+        filesystem replaces atomically (POSIX), else the old ``dst`` is removed first (HDFS)."""
+        final = self.path(*dst)
+        if not self.is_local and self.fs.get_file_info(final).type == pafs.FileType.File:
+            self.fs.delete_file(final)
+        self.fs.move(self.path(*src), final)
+
     @contextmanager
     def local_copy(self, *parts: str) -> Iterator[str]:
         """A local path holding the file's content (the file itself when the store is local)."""
@@ -165,14 +173,25 @@ class Store:
         the owner's process has died (same host), or, with `heartbeat_s`, its owner stopped
         refreshing it for three heartbeats (any host: a driver killed on another machine). A live
         lock is waited for up to `wait_s` seconds, then LockedError names its owner.
+
+        The record carries a token of this holder: before each beat and before releasing, the
+        holder checks the lock is still its own, so a holder that was taken over (it stalled for
+        three heartbeats) neither overwrites nor deletes its successor's lock. Releasing never
+        replaces the error that ends the block: a failed release is logged, the original raised.
         """
+        import logging
         import socket
         import threading
 
+        token = uuid.uuid4().hex
+
         def owner_record() -> bytes:
             return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "beat": time.time(),
-                               "heartbeat_s": heartbeat_s,
+                               "heartbeat_s": heartbeat_s, "token": token,
                                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+
+        def still_mine() -> bool:
+            return self._lock_owner(*parts).get("token") == token
 
         path = self.path(*parts)
         deadline = time.monotonic() + wait_s
@@ -189,21 +208,36 @@ class Store:
                     raise LockedError(f"{self.url_of(*parts)} is held by {held}; another run is using this "
                                       "location. Retry when it is done, or delete the lock file if no run is") from None
                 time.sleep(poll_s)
+        log = logging.getLogger("cerebro_tasks.storage")
         stop = threading.Event()
         if heartbeat_s:
             def beat() -> None:
                 while not stop.wait(heartbeat_s):
                     try:
+                        if not still_mine():
+                            log.error("%s was taken over by %s: this holder stalled for three heartbeats",
+                                      self.url_of(*parts), self._lock_owner(*parts))
+                            return
                         self.write_bytes(owner_record(), *parts)
                     except OSError:  # a missed beat is retried at the next one
                         pass
 
             threading.Thread(target=beat, name=f"lock-heartbeat-{parts[-1]}", daemon=True).start()
+
+        def release() -> None:
+            stop.set()
+            if still_mine():
+                self.delete(*parts)
+
         try:
             yield
-        finally:
-            stop.set()
-            self.delete(*parts)
+        except BaseException:
+            try:
+                release()
+            except OSError as e:  # e.g. the output went read-only: the caller needs the first error
+                log.warning("could not release %s: %s", self.url_of(*parts), e)
+            raise
+        release()
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
         if self.is_local:
