@@ -11,10 +11,12 @@ cannot show (Keras, Spark, real timing) the end-to-end test on local Spark does.
 from __future__ import annotations
 
 import heapq
+import itertools
 from typing import Any, Callable
 
 from cerebro_tasks.mop.runtime import MopDriver, MopResult
 from cerebro_tasks.mop.scheduler import Unit
+from cerebro_tasks.storage.layout import state_name
 
 Metric = Callable[[dict[str, Any], int, str], float]
 
@@ -42,24 +44,29 @@ class SimulatedMop(MopDriver):
             self.scheduler.worker_joined(f"p{p}.1", p)
         heap: list[tuple[float, int, str, Unit, float]] = []
         clock = 0.0
+        attempts = itertools.count()
 
         def dispatch() -> None:
             for worker_id, unit in self.scheduler.assign():
                 cost = self._unit_cost(unit)
+                self._attempts[worker_id] = f"sim{next(attempts)}"  # as the real dispatch does
                 heapq.heappush(heap, (clock + cost, unit.partition, worker_id, unit, clock))
 
         dispatch()
         while heap:
             clock, _, worker_id, unit, start = heapq.heappop(heap)
             params = self.specs[unit.model_id].params
-            if self.fail(params, unit):
-                self.errors[unit.model_id] = f"Traceback (most recent call last):\n  ...\nFloatingPointError: {unit}"
-                self.scheduler.unit_failed(worker_id, unit)
-                self._check_model(unit.model_id, on_model_done)
+            attempt = self._attempts[worker_id]
+            if self.fail(params, unit):  # as a worker's failure reaches the driver
+                error = f"Traceback (most recent call last):\n  ...\nFloatingPointError: {unit}"
+                self.errors[unit.model_id] = error
+                self._unit_failed(worker_id, unit, error, on_model_done)
             else:
                 value = float(self.metric(params, unit.epoch, unit.kind))
                 result = {"start": start, "end": clock, "compute_s": clock - start, "load_s": 0.0, "save_s": 0.0,
-                          "metrics": {"loss": value}, "num_samples": 10}
+                          "metrics": {"loss": value}, "num_samples": 10, "attempt": attempt}
+                if unit.kind == "train":  # the state file a worker writes (empty: nothing reads it here)
+                    self.store.write_bytes(b"", *state_name(unit.model_id, unit.step + 1, attempt))
                 self._unit_done(worker_id, unit, result, clock - start, on_model_done)
                 if self.kill_after is not None and self._units_run >= self.kill_after:
                     raise DriverKilled(f"driver killed after {self._units_run} units")
