@@ -142,7 +142,10 @@ class UnitRunner:
             load_state(self.store, model, spec.model_id, step)
         return WarmModel(model, step, 0), "cold", built - started
 
-    def run(self, unit: Unit, spec: ModelSpec, attempt: str) -> dict[str, Any]:
+    def run(self, unit: Unit, spec: ModelSpec, attempt: str | None = None) -> dict[str, Any]:
+        """Run one unit. A train unit writes its checkpoint under ``attempt`` for the driver to
+        accept (storage/layout.py); without one (a worker run by hand, a bench) it writes the plain
+        name directly."""
         start = time.time()
         data = self.data(unit.kind)
         read = time.time()
