@@ -218,12 +218,15 @@ class SparkBackend:
                                   "models hop continuously (GridSearch/RandomSearch/TPESearch run them)")
 
     # for the searches ------------------------------------------------------------------------------------
-    def mop_driver(self, workload: Any, run_url: str, *, seed: int, validate: bool) -> Any:
-        """A MOP driver for one search on this backend's Spark application."""
+    def mop_driver(self, workload: Any, run_url: str, *, seed: int, validate: bool,
+                   select: tuple[Any, str] | None = None) -> Any:
+        """A MOP driver for one search on this backend's Spark application (``select``: the
+        selection metric's history keys and direction, whose best epoch's checkpoint is kept)."""
         from cerebro_tasks.mop.runtime import MopDriver
 
         return MopDriver(self.spark, workload, run_url, num_workers=self.num_workers, seed=seed,
-                         start_timeout_s=self.start_timeout, validate=validate, schedule=self.schedule)
+                         start_timeout_s=self.start_timeout, validate=validate, schedule=self.schedule,
+                         select=select)
 
 
 def _use_driver_python(sc: Any) -> None:

@@ -177,13 +177,15 @@ class ModelSelection:
         workload = EstimatorWorkload(train_url=train_url, val_url=val_url if validate else None, run_url=run_url,
                                      feature_columns=tuple(self.feature_cols), label_columns=tuple(self.label_cols),
                                      num_workers=W)
-        mop = self.backend.mop_driver(workload, run_url, seed=_seed_of(self.seed, 2), validate=validate)
+        names = _ALIASES.get(self.evaluation_metric, [self.evaluation_metric])
+        keys = [self._metric_prefix + n for n in names]
+        mop = self.backend.mop_driver(workload, run_url, seed=_seed_of(self.seed, 2), validate=validate,
+                                      select=(tuple(keys), self.mode))
         self._metadata = metadata
         self.searcher = self._make_searcher()  # one per fit; a resumed run's models are restored into it
-        names = _ALIASES.get(self.evaluation_metric, [self.evaluation_metric])
         self._search = search = SearchDriver(
             mop, self.searcher, new_model=self._new_model, num_epochs=self.num_epochs,
-            metric_keys=[self._metric_prefix + n for n in names], mode=self.mode, select=self.select,
+            metric_keys=keys, mode=self.mode, select=self.select,
             early_stopping=self.early_stopping, parallelism=self._parallelism(), on_model_done=self._log_progress)
         known = search.start()
         if known:

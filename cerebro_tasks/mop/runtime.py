@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from cerebro_tasks.mop.control import ControlServer, Message
 from cerebro_tasks.mop.journal import Journal, histories, resume_order
@@ -91,8 +91,8 @@ class MopDriver:
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
                  lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
                  unit_timeout_s: float | None = None, model_cache_mb: float | None = None,
-                 keep_checkpoints: str = "needed", select: tuple[str, str] | None = None) -> None:
-        """``select``: (history key, "min" or "max"), the metric the search selects on: the
+                 keep_checkpoints: str = "needed", select: tuple[str | Sequence[str], str] | None = None) -> None:
+        """``select``: (history key or its aliases, "min" or "max"), the metric the search selects on: the
         checkpoint of each model's best epoch by it is kept (with ``keep_checkpoints="needed"``)."""
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
@@ -474,9 +474,11 @@ class MopDriver:
     def _best_epoch(self, model_id: str) -> int | None:
         if self.select is None:
             return None
-        key, mode = self.select
-        series = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
-                           self.num_workers).get(model_id, {}).get(key, [])
+        keys, mode = self.select
+        history = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
+                            self.num_workers).get(model_id, {})
+        # one name, or aliases of one metric (acc / accuracy): the first the history records
+        series = next((history[k] for k in ([keys] if isinstance(keys, str) else keys) if k in history), [])
         scored = [(v if mode == "min" else -v, e) for e, v in enumerate(series) if v == v]  # skip NaN
         return min(scored)[1] if scored else None
 
