@@ -72,10 +72,11 @@ def checkpoints(run_url: str, model_id: str) -> list[str]:
 
 def test_only_the_checkpoints_still_needed_are_kept(first_run):
     """Default keep_checkpoints="needed", no selection metric: each model keeps its final one;
-    every accepted attempt became the plain name, no attempt file is left behind."""
+    every accepted attempt became the plain name, no attempt file is left behind (a step keeps its
+    hop state and, at an epoch's end, the whole model)."""
     run_url, result = first_run
     for model_id in result.specs:
-        assert checkpoints(run_url, model_id) == ["ckpt-00004.keras"]
+        assert checkpoints(run_url, model_id) == ["ckpt-00004.keras", "ckpt-00004.state"]
     assert all(len(r["attempt"]) == 12 for r in result.records)
     assert len({r["attempt"] for r in result.records}) == len(result.records)
 
@@ -165,9 +166,11 @@ def test_lockstep_same_seed_same_schedule_and_weights_despite_timing_noise(spark
             assert runs[1].histories[model_id][key] == pytest.approx(values, rel=1e-6, abs=1e-7), (model_id, key)
 
     for model_id, history in runs[0].histories.items():
-        all_steps = [f"ckpt-{step:05d}.keras" for step in range(1, 5)]
+        # every step's hop state; the whole model at each epoch's end (2 partitions: steps 2 and 4)
+        all_steps = sorted([f"ckpt-{step:05d}.state" for step in range(1, 5)] + ["ckpt-00002.keras", "ckpt-00004.keras"])
         assert checkpoints(str(tmp_path / "run1"), model_id) == all_steps
         # kept: the final one, and the best epoch's by the selection metric (here: the highest loss)
         best_epoch = max(range(2), key=lambda e: history["val_loss"][e])
-        expected = {"ckpt-00004.keras", f"ckpt-{(best_epoch + 1) * 2:05d}.keras"}
+        best = f"ckpt-{(best_epoch + 1) * 2:05d}"
+        expected = {"ckpt-00004.keras", "ckpt-00004.state", f"{best}.keras", f"{best}.state"}
         assert set(checkpoints(str(tmp_path / "run0"), model_id)) == expected
