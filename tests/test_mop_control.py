@@ -44,7 +44,7 @@ def _join(address, secret, partition: int, out: list) -> None:
 
 def test_silent_and_garbage_peers_do_not_hold_up_workers():
     """The handshake runs per connection: two bad peers stay connected, workers join at once."""
-    s = ControlServer(host="127.0.0.1", handshake_timeout_s=1.0)
+    s = ControlServer(host="127.0.0.1", handshake_timeout_s=6.0)
     silent = socket.create_connection(s.address)  # connects, never says a word
     garbage = socket.create_connection(s.address)
     garbage.sendall(b"\x00\x00\x00\x40not a challenge answer")  # declares 64 bytes, sends fewer
@@ -55,10 +55,11 @@ def test_silent_and_garbage_peers_do_not_hold_up_workers():
                    for p in range(2)]
         for t in threads:
             t.start()
-        joined = sorted(s.joined.get(timeout=3)[1].payload["partition"] for _ in range(2))
-        assert joined == [0, 1] and time.perf_counter() - started < 0.9  # before any peer timed out
+        joined = sorted(s.joined.get(timeout=5)[1].payload["partition"] for _ in range(2))
+        # well before any bad peer's deadline (a loaded machine takes ~1 s to start two clients)
+        assert joined == [0, 1] and time.perf_counter() - started < 4.0
         # the silent peer is dropped once its deadline passes: its socket reads EOF after the challenge
-        silent.settimeout(5)
+        silent.settimeout(10)
         received = b""
         while chunk := silent.recv(4096):
             received += chunk
