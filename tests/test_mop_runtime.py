@@ -72,11 +72,11 @@ def checkpoints(run_url: str, model_id: str) -> list[str]:
 
 def test_only_the_checkpoints_still_needed_are_kept(first_run):
     """Default keep_checkpoints="needed", no selection metric: each model keeps its final one;
-    every accepted attempt became the plain name, no attempt file is left behind (a step keeps its
-    hop state and, at an epoch's end, the whole model)."""
+    every accepted attempt became the plain name, no attempt file is left behind; a finished model
+    needs no hop state any more, only its whole final model."""
     run_url, result = first_run
     for model_id in result.specs:
-        assert checkpoints(run_url, model_id) == ["ckpt-00004.keras", "ckpt-00004.state"]
+        assert checkpoints(run_url, model_id) == ["ckpt-00004.keras"]
     assert all(len(r["attempt"]) == 12 for r in result.records)
     assert len({r["attempt"] for r in result.records}) == len(result.records)
 
@@ -172,5 +172,5 @@ def test_lockstep_same_seed_same_schedule_and_weights_despite_timing_noise(spark
         # kept: the final one, and the best epoch's by the selection metric (here: the highest loss)
         best_epoch = max(range(2), key=lambda e: history["val_loss"][e])
         best = f"ckpt-{(best_epoch + 1) * 2:05d}"
-        expected = {"ckpt-00004.keras", "ckpt-00004.state", f"{best}.keras", f"{best}.state"}
+        expected = {"ckpt-00004.keras", f"{best}.keras"}
         assert set(checkpoints(str(tmp_path / "run0"), model_id)) == expected

@@ -439,32 +439,36 @@ class MopDriver:
     def _collect_checkpoints(self, model_id: str) -> None:
         """Delete the checkpoints of ``model_id`` that nothing can read any more.
 
-        Kept: the newest (the next train unit reads it; a lost unit re-runs from it), each epoch's
-        last one while that epoch's validation is not complete (val units read it), the final one
-        and the best epoch's by ``select``. Attempt files of dispatches the driver gave up on are
-        deleted too (a stale worker may still write one later; the next pass takes it). Safe at
-        any time: a train unit only ever reads its model's newest checkpoint, a val unit only its
-        epoch's last, so nothing in flight reads what goes.
+        A step has a hop state (``.state``, what units read) and, at an epoch's end, the whole
+        model (``.keras``, what results and the export read). Kept states: the newest while the
+        model still trains (the next train unit reads it; a lost unit re-runs from it) and each
+        epoch's last while that epoch's validation is not complete (val units read it). Kept whole
+        models: the newest, the final one and the best epoch's by ``select``. Attempt files of
+        dispatches the driver gave up on are deleted too (a stale worker may still write one
+        later; the next pass takes it). Safe at any time: a train unit only ever reads its model's
+        newest state, a val unit only its epoch's last, so nothing in flight reads what goes.
         """
         status = self.scheduler.model_status(model_id)
         P = self.num_workers
-        keep = {status.step, status.num_epochs * P}
-        if self.keep_checkpoints == "all":
-            keep = None
-        else:
+        keep: dict[str, set[int]] | None = None
+        if self.keep_checkpoints != "all":
             validated = set(status.validated_epochs)
-            keep |= {(e + 1) * P for e in range(status.epochs_trained)
-                     if self.scheduler.validate and e not in validated}
+            pending = {(e + 1) * P for e in range(status.epochs_trained)
+                       if self.scheduler.validate and e not in validated}
+            live = status.state not in ("done", "stopped", "failed")
+            keep = {"state": pending | ({status.step} if live else set()),
+                    "keras": {status.step, status.num_epochs * P}}
             best = self._best_epoch(model_id)
             if best is not None:
-                keep.add((best + 1) * P)
+                keep["keras"].add((best + 1) * P)
         in_flight = set(self._attempts.values())
         for name in self.store.listdir(layout.MODELS_DIR, model_id):
             parsed = layout.parse_checkpoint(name)
             if parsed is None:
                 continue
             step, attempt = parsed
-            if (attempt is None and keep is not None and step not in keep) or (
+            kind = name.rsplit(".", 1)[-1]
+            if (attempt is None and keep is not None and step not in keep[kind]) or (
                     attempt is not None and attempt not in in_flight):
                 try:
                     self.store.delete(layout.MODELS_DIR, model_id, name)
