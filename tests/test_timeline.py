@@ -53,3 +53,14 @@ def test_summary_quotes_the_true_hop_cost():
                            "hop_cost_warm": 1.02, "hop_cost_cold": None}}
     md = summary_markdown(summary)
     assert "true hop cost 1.04x" in md and "on the worker 1.02x" in md and "for the unit n/a" in md
+
+
+def test_summary_says_no_tail_when_the_last_models_end_together():
+    summary = {"metric": "val_loss", "models": [], "search": "grid", "run_id": "r", "best_model_id": "a",
+               "mode": "min", "num_models": 2, "num_epochs": 1, "num_workers": 2, "wall_s": 1.0,
+               "figures": {"utilisation": 0.9, "hop_overhead": 0.1, "makespan_s": 1.0}}
+    ended_together = summary_markdown({**summary, "figures": {**summary["figures"], "tail_s": 0.01,
+                                                             "tail_utilisation": 0.5}})
+    assert "no tail" in ended_together and "tail utilisation" not in ended_together
+    tail = summary_markdown({**summary, "figures": {**summary["figures"], "tail_s": 3.0, "tail_utilisation": 0.5}})
+    assert "tail utilisation 50.0% over the last 3.0 s" in tail

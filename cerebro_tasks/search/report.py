@@ -68,6 +68,14 @@ def tail_utilisation(records: list[dict[str, Any]], num_workers: int) -> dict[st
     return {"tail_s": round(span, 3), "tail_utilisation": busy / (num_workers * span)}
 
 
+def _tail_line(fig: Mapping[str, Any]) -> str:
+    tail = fig.get("tail_s", float("nan"))
+    if tail < 0.05:  # the last W models ended together: a utilisation over a few milliseconds says nothing
+        return "no tail (the last models to finish ended together)"
+    return (f"tail utilisation {fig.get('tail_utilisation', float('nan')):.1%} over the last {tail:.1f} s "
+            "(fewer models left than workers)")
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """A small Markdown page: what ran, the MOP figures, and one row per model, best first."""
     key = summary["metric"]
@@ -84,8 +92,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"wall {summary['wall_s']:.1f} s",
              f"- utilisation {fig.get('utilisation', float('nan')):.1%}, hop overhead "
              f"{fig.get('hop_overhead', float('nan')):.1%} of compute, makespan {fig.get('makespan_s', float('nan')):.1f} s; "
-             f"tail utilisation {fig.get('tail_utilisation', float('nan')):.1%} over the last {fig.get('tail_s', float('nan')):.1f} s "
-             "(fewer models left than workers)",
+             + _tail_line(fig),
              *([f"- selected by {summary.get('select', 'last_epoch')}: epoch {summary.get('best_epoch')} of "
                 f"{summary['best_model_id']}"] if summary.get("select") == "best_epoch" else []),
              *([f"- early stopping {summary['early_stopping']}: {len(summary.get('stopped_models', []))} models "
