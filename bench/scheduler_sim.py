@@ -226,7 +226,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=REPS, help="seeds per configuration")
     ap.add_argument("--scale", action="store_true", help="driver CPU per unit at W up to 512, M up to 4096")
-    ap.add_argument("--units", type=int, default=400, help="with --scale: dispatches measured per configuration")
+    ap.add_argument("--units", type=int, default=2000, help="with --scale: dispatches measured per configuration")
     args = ap.parse_args()
     if args.scale:
         return scale_main(args.units)

@@ -792,6 +792,7 @@ def _chaos(seed: int, policy: str = "critical", val_priority: str = "auto", roun
         expect = _expect_single(sim, idle[0]) if check_choice and policy == "critical" and len(idle) == 1 else None
         out = sim.dispatch()
         assert sim.s.counts() == _brute_counts(sim)
+        _check_explain_idle(sim)
         if expect is not None and expect[0] != "skip":
             kind, allowed = expect
             assert [u.kind for _, u in out] == ([kind] if kind else [])
@@ -803,6 +804,26 @@ def _chaos(seed: int, policy: str = "critical", val_priority: str = "auto", roun
     sim.check_complete([m for m in sim.epochs if m not in sim.terminal])
     assert sim.s.counts() == _brute_counts(sim)
     return [(round(t, 9), w, u) for t, w, u in sim.dispatches]
+
+
+def _check_explain_idle(sim: Sim) -> None:
+    """explain_idle() from counters says what a look at every model and worker says."""
+    s = sim.s
+    W = len(s.workers)
+    idle = [w for w in s.workers if w not in sim.inflight]
+    orphans = sorted(set(range(sim.P)) - set(s.workers.values()))
+    training = [m for m in _live_models(sim) if len(sim.trained[m]) < sim.epochs[m] * sim.P]
+    msg = s.explain_idle()
+    if not idle and not orphans:
+        assert msg is None
+        return
+    assert msg is not None
+    if idle:
+        assert msg.startswith(f"{len(idle)} of {W} workers idle")
+        if _live_models(sim) and len(training) < W:
+            assert f"only {len(training)} model" in msg
+    if orphans:
+        assert f"partition(s) {orphans} have no worker" in msg
 
 
 def _derived(s: HopScheduler) -> tuple:

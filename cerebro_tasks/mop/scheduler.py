@@ -554,7 +554,7 @@ class HopScheduler:
                 top = free.best(run_t, extra)
                 if top is None or top[0] < at_least:
                     break
-                chain, h, entry = top
+                _, h, entry = top
                 free.pop(h)
                 m = self._models[entry[3]]
                 options = [p for p in idle if p not in m.visited]
