@@ -61,7 +61,7 @@ waiting models (free to start a train unit) in chain order, how many of them sti
 partition, the pending val units of each partition by epoch, and exact sums of the run's
 remaining work. ``assign()`` then walks waiting models from the longest chain down, skipping
 those that need none of the idle partitions, and stops as soon as no waiting model needs one:
-O(log M) per placed unit in the steady state (bench/scheduler_sim.py --scale: about 0.05 ms of
+O(log M) per placed unit in the steady state (bench/scheduler_sim.py --scale: under 0.1 ms of
 driver CPU per unit at W = 512, M = 4,096). A partition that only models deep in the chain
 order still need costs a longer walk (a few hundred pops at the very end of a run). The chain
 definition above (prior val term, run means applied when read) is what keeps the index valid
