@@ -31,7 +31,7 @@ LEVELS: dict[str, int] = {
 }
 
 # The engine's pure core: no TensorFlow, Spark or Airflow anywhere in these modules.
-PURE = ["mop/scheduler.py", "mop/lockstep.py", "mop/journal.py", "mop/metric_state.py", "mop/timeline.py",
+PURE = ["mop/scheduler.py", "mop/sched_index.py", "mop/lockstep.py", "mop/journal.py", "mop/metric_state.py", "mop/timeline.py",
         "mop/workload.py", "search/space.py", "search/selection.py", "storage/layout.py",
         # the search driver, its searchers and stopping rules: tested in milliseconds without Spark
         "search/driver.py", "search/searcher.py", "search/stopping/__init__.py", "search/stopping/base.py",

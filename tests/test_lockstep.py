@@ -122,3 +122,34 @@ def test_forget_unblocks_the_others_and_bad_calls_raise() -> None:
         lock.dispatched("w1", a)
     with pytest.raises(ValueError, match="must be > 0"):
         Lockstep(lambda u: 0.0).dispatched("w0", a)
+
+
+def test_next_finish_heap_matches_a_scan_of_all_workers() -> None:
+    """The heap gives what the former min over every worker in flight gave: virtual finish, then
+    partition, then dispatch order; through forgets, re-dispatches and many exact ties."""
+    rng = random.Random(3)
+    lock = Lockstep(lambda u: float(u.step))  # integer costs: exact ties are common
+    flight: dict[str, tuple[float, int, int]] = {}  # reference: worker -> (finish, partition, seq)
+    seq = 0
+    for _ in range(3000):
+        r = rng.random()
+        idle = [w for w in (f"w{i}" for i in range(12)) if w not in flight]
+        if r < 0.45 and idle:
+            w = rng.choice(idle)
+            # two workers may share a partition (a superseded one not yet forgotten)
+            unit = Unit("m", 0, "train", rng.randrange(6), rng.randrange(1, 4))
+            lock.dispatched(w, unit)
+            flight[w] = (lock.now + unit.step, unit.partition, seq)
+            seq += 1
+        elif r < 0.5 and flight:
+            w = rng.choice(sorted(flight))
+            lock.forget(w)
+            del flight[w]
+        elif flight:
+            w = rng.choice(sorted(w for w in flight if w not in lock.waiting) or sorted(flight))
+            if w not in lock.waiting:
+                lock.arrived(w, w)
+            while (ready := lock.pop_ready()) is not None:
+                expected = min(flight, key=lambda x: flight[x])
+                assert ready[0] == expected
+                del flight[expected]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+import math
 import random
 from collections import Counter
 
@@ -30,10 +31,12 @@ class Sim:
     """Simulated workers around a HopScheduler; asserts the MOP contract as it goes."""
 
     def __init__(self, sched: HopScheduler, num_workers: int, epochs: dict[str, int],
-                 cost: dict[str, float] | None = None, pass_duration: bool = True) -> None:
+                 cost: dict[str, float] | None = None, pass_duration: bool = True,
+                 gates: dict[str, tuple[int, ...]] | None = None) -> None:
         self.s = sched
         self.P = sched.num_partitions
         self.epochs = dict(epochs)
+        self.gates = {m: tuple((gates or {}).get(m, ())) for m in epochs}
         self.cost = cost or {m: 1.0 for m in epochs}
         self.pass_duration = pass_duration
         self.t = 0.0
@@ -46,18 +49,25 @@ class Sim:
         self.validated: dict[str, set[tuple[int, int]]] = {m: set() for m in epochs}
         self.terminal: set[str] = set()  # models the test stopped or that failed
         for m, e in epochs.items():
-            sched.add_model(m, e)
+            sched.add_model(m, e, gates=self.gates[m])
         for w in range(num_workers):
             sched.worker_joined(f"w{w}", w % self.P)
 
     # -- oracle ---------------------------------------------------------------
-    def add_model(self, m: str, e: int, cost: float = 1.0) -> None:
-        self.s.add_model(m, e)
-        self.epochs[m], self.cost[m] = e, cost
+    def add_model(self, m: str, e: int, cost: float = 1.0, gates: tuple[int, ...] = ()) -> None:
+        self.s.add_model(m, e, gates=gates)
+        self.epochs[m], self.cost[m], self.gates[m] = e, cost, tuple(gates)
         self.trained[m], self.validated[m] = [], set()
 
     def _train_running(self, m: str) -> bool:
         return any(u.model_id == m and u.kind == "train" for _, u, _ in self.inflight.values())
+
+    def gated(self, m: str) -> bool:
+        """The gate rule from the records: a gated epoch starts once the previous is validated."""
+        done = len(self.trained[m])
+        cur = done // self.P
+        return (self.s.validate and cur in self.gates.get(m, ()) and done % self.P == 0
+                and sum(1 for ep, _ in self.validated[m] if ep == cur - 1) < self.P)
 
     def runnable(self, p: int) -> list[tuple[str, str]]:
         """Units the contract allows on partition p right now (oracle view)."""
@@ -67,7 +77,7 @@ class Sim:
                 continue
             done = self.trained[m]
             cur = len(done) // self.P
-            if cur < e and not self._train_running(m):
+            if cur < e and not self._train_running(m) and not self.gated(m):
                 if p not in {u.partition for u in done if u.epoch == cur}:
                     out.append((m, "train"))
             if self.s.validate:
@@ -86,6 +96,7 @@ class Sim:
         done = self.trained[u.model_id]
         if u.kind == "train":
             assert not self._train_running(u.model_id), "two train units of one model at once"
+            assert not self.gated(u.model_id), "train unit of a gated epoch before its validation"
             assert u.step == len(done), "train unit must read the newest checkpoint"
             assert u.epoch == len(done) // P
             assert u.partition not in {x.partition for x in done if x.epoch == u.epoch}
@@ -461,6 +472,8 @@ def test_restore_finished_replay_matches_and_continues() -> None:
         s2.add_model(m, e)
     for u in journal:
         s2.restore_finished(u)
+    # the indexes the replay built incrementally are the ones a rebuild from the state gives
+    assert _derived(HopScheduler.from_state_dict(s2.state_dict())) == _derived(s2)
     for m in epochs:
         a, b = sim.s.model_status(m), s2.model_status(m)
         assert (a.epochs_trained, a.step, a.validated_epochs) == \
@@ -636,3 +649,292 @@ def test_a_gated_epoch_waits_for_the_previous_validation_while_others_train():
     assert gated.index(("g", 0, "val")) < gated.index(("g", 1, "train"))
     assert gated.index(("o", 1, "train")) < gated.index(("g", 1, "train"))  # meanwhile the other model trained
     assert HopScheduler.from_state_dict(s.state_dict()).state_dict() == s.state_dict()  # gates round-trip
+
+
+# --------------------------------------------------------- indexes (sublinear assign())
+def _live_models(sim: Sim) -> list[str]:
+    return [m for m in sim.epochs if m not in sim.terminal and sim.s.model_status(m).state != "done"]
+
+
+def _brute_counts(sim: Sim) -> dict:
+    """counts() recomputed from the simulator's own records (finished, in flight, per model)."""
+    P, s = sim.P, sim.s
+    per_val = P if s.validate else 0
+    by_state: dict[str, int] = {}
+    total = 0
+    for m, e in sim.epochs.items():
+        st = s.model_status(m).state
+        by_state[st] = by_state.get(st, 0) + 1
+        done = len(sim.trained[m]) + len(sim.validated[m])
+        running = sum(1 for _, u, _ in sim.inflight.values() if u.model_id == m)
+        total += done + running if st in ("stopped", "failed") else e * (P + per_val)
+    return {
+        "models_total": len(sim.epochs),
+        "models_done": sum(n for st, n in by_state.items() if st in ("done", "stopped", "failed")),
+        "models_by_state": by_state,
+        "units_done": len(sim.log),
+        "units_total": total,
+        "units_running": len(sim.inflight),
+        "workers": len(s.workers),
+        "workers_idle": len(s.workers) - len(sim.inflight),
+        "affinity_hits": s.affinity_hits,
+    }
+
+
+def _chains(sim: Sim) -> tuple[dict[str, float], float, int]:
+    """The documented chain of every live model with train units left, the run's remaining work
+    per worker and how many models still train: the policy's inputs recomputed from scratch."""
+    P, s = sim.P, sim.s
+    train = [e - s for s, e, _, u in sim.log if u.kind == "train"]
+    val = [e - s for s, e, _, u in sim.log if u.kind == "val"]
+    run_t = sum(train) / len(train) if train else 1.0
+    ratio = sum(val) / len(val) / run_t if val and train else 1 / 3
+    chain, total = {}, 0.0
+    for m in _live_models(sim):
+        st = s.model_status(m)
+        rem = sim.epochs[m] * P - len(sim.trained[m])
+        t = st.mean_train_s if st.mean_train_s is not None else run_t
+        running = {(u.epoch, u.partition) for _, u, _ in sim.inflight.values() if u.model_id == m}
+        cur = len(sim.trained[m]) // P
+        val_left = (sim.epochs[m] - cur) * P + sum(
+            1 for ep in range(cur) for p in range(P) if (ep, p) not in sim.validated[m] | running)
+        total += rem * t + val_left * (st.mean_val_s if st.mean_val_s is not None else t * ratio)
+        if rem > 0:
+            if st.mean_train_s is None:
+                chain[m] = run_t * (rem + 1 / 3)
+            else:
+                chain[m] = rem * t + (st.mean_val_s if st.mean_val_s is not None else t / 3)
+    return chain, total / max(1, len(s.workers)), len(chain)
+
+
+def _expect_single(sim: Sim, p: int) -> tuple[str | None, set[str]]:
+    """What the policy must place on partition p, the only idle one: ("train", models allowed)
+    (the longest chain among those it should consider), ("val", {}) or (None, {})."""
+    s = sim.s
+    chain, per_worker, n_training = _chains(sim)
+    runnable = sim.runnable(p)
+    eligible = {m: chain[m] for m, k in runnable if k == "train"}
+    has_val = any(k == "val" for _, k in runnable)
+
+    def longest(cands: dict[str, float]) -> set[str]:
+        top = max(cands.values())
+        return {m for m, c in cands.items() if math.isclose(c, top, rel_tol=1e-9)}
+
+    if s.val_priority == "auto":
+        if n_training <= len(s.workers):
+            crit = eligible
+        else:
+            cut = 0.8 * per_worker
+            if any(math.isclose(c, cut, rel_tol=1e-9) for c in eligible.values()):
+                return "skip", set()  # on the knife's edge: rounding may go either way
+            crit = {m: c for m, c in eligible.items() if c >= cut}
+        if crit:
+            return "train", longest(crit)
+        if has_val:
+            return "val", set()
+    if eligible:
+        return "train", longest(eligible)
+    return ("val" if has_val else None), set()
+
+
+def _chaos(seed: int, policy: str = "critical", val_priority: str = "auto", roundtrip_every: int = 0,
+           steps: int = 4000, check_choice: bool = True) -> list:
+    """Random worker loss/rejoin, unit failures, stops, gated models and models added mid-run.
+
+    After every assign(): work conservation against the simulator's oracle (Sim.dispatch), the
+    counters against a recount, and, when a single worker was idle, that it got what the policy
+    says (longest chain among the models it should consider, or a val unit). Returns the trace.
+    """
+    rng = random.Random(seed)
+    P = 3
+    epochs, cost = hetero(9, seed)
+    gates = {m: (1,) for m in list(epochs)[::3]}
+    sim = Sim(make(P, seed=seed, policy=policy, val_priority=val_priority, max_unit_retries=1), P,
+              epochs, cost, gates=gates)
+    sim.dispatch()
+    gone: dict[int, str] = {}
+    added = 0
+    for i in range(steps):
+        r = rng.random()
+        if r < 0.03 and sim.inflight:
+            w = rng.choice(sorted(sim.inflight))
+            gone[sim.s.workers[w]] = w
+            sim.remove_worker(w)
+        elif r < 0.06 and gone:
+            p = rng.choice(sorted(gone))
+            sim.s.worker_joined(gone.pop(p) + "'", p)
+        elif r < 0.08 and sim.inflight:
+            w = rng.choice(sorted(sim.inflight))
+            _, u, _ = sim.inflight.pop(w)
+            if not sim.s.unit_failed(w, u):
+                sim.terminal.add(u.model_id)
+        elif r < 0.09:
+            live = _live_models(sim)
+            if live:
+                m = rng.choice(live)
+                sim.s.stop_model(m)
+                sim.terminal.add(m)
+        elif r < 0.12 and added < 6:
+            sim.add_model(f"x{added}", rng.choice([1, 2, 3]), cost=rng.uniform(1, 10),
+                          gates=rng.choice([(), (1,), (1, 2)]))
+            added += 1
+        elif not sim.step():
+            if not gone:
+                break
+            for p in sorted(gone):
+                sim.s.worker_joined(gone.pop(p) + "'", p)
+        if roundtrip_every and i % roundtrip_every == 0:
+            state = json.loads(json.dumps(sim.s.state_dict()))
+            before = _derived(sim.s)
+            sim.s = HopScheduler.from_state_dict(state)
+            assert _derived(sim.s) == before, "rebuilt indexes differ from the incremental ones"
+        idle = [p for w, p in sim.s.workers.items() if w not in sim.inflight]
+        expect = _expect_single(sim, idle[0]) if check_choice and policy == "critical" and len(idle) == 1 else None
+        out = sim.dispatch()
+        assert sim.s.counts() == _brute_counts(sim)
+        _check_explain_idle(sim)
+        if expect is not None and expect[0] != "skip":
+            kind, allowed = expect
+            assert [u.kind for _, u in out] == ([kind] if kind else [])
+            if kind == "train":
+                assert out[0][1].model_id in allowed, (out, allowed)
+    else:
+        raise AssertionError("simulation did not finish")
+    assert sim.s.done
+    sim.check_complete([m for m in sim.epochs if m not in sim.terminal])
+    assert sim.s.counts() == _brute_counts(sim)
+    return [(round(t, 9), w, u) for t, w, u in sim.dispatches]
+
+
+def _check_explain_idle(sim: Sim) -> None:
+    """explain_idle() from counters says what a look at every model and worker says."""
+    s = sim.s
+    W = len(s.workers)
+    idle = [w for w in s.workers if w not in sim.inflight]
+    orphans = sorted(set(range(sim.P)) - set(s.workers.values()))
+    training = [m for m in _live_models(sim) if len(sim.trained[m]) < sim.epochs[m] * sim.P]
+    msg = s.explain_idle()
+    if not idle and not orphans:
+        assert msg is None
+        return
+    assert msg is not None
+    if idle:
+        assert msg.startswith(f"{len(idle)} of {W} workers idle")
+        if _live_models(sim) and len(training) < W:
+            assert f"only {len(training)} model" in msg
+    if orphans:
+        assert f"partition(s) {orphans} have no worker" in msg
+
+
+def _derived(s: HopScheduler) -> tuple:
+    """Everything the scheduler derives from its state (indexes, sums, counters), comparable."""
+    P = s.num_partitions
+    vals = [sorted({e for e in s._vals._heaps[p] if s._val_pending(e[3], e[0], p)}) for p in range(P)]
+    return ([s._free.need(p) for p in range(P)], [s._vals.count(p) for p in range(P)], vals,
+            sorted(s._free._entry.values()), s._per_worker(), s._n_training, sorted(s._idle), s.counts(),
+            [m.contrib for m in s._models.values()], [m.counted for m in s._models.values()])
+
+
+@pytest.mark.parametrize("val_priority", ["auto", "filler"])
+@pytest.mark.parametrize("seed", range(6))
+def test_chaos_work_conserving_counters_and_choices(seed: int, val_priority: str) -> None:
+    _chaos(seed, val_priority=val_priority)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chaos_random_policy_work_conserving(seed: int) -> None:
+    _chaos(seed, policy="random")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chaos_is_deterministic_and_survives_state_dict_round_trips(seed: int) -> None:
+    plain = _chaos(seed, check_choice=False)
+    assert _chaos(seed, check_choice=False) == plain
+    # restored from its state_dict every 7 events (indexes rebuilt, compared): same schedule
+    assert _chaos(seed, roundtrip_every=7, check_choice=False) == plain
+
+
+def test_state_dict_round_trip_rebuilds_the_same_indexes() -> None:
+    epochs, cost = hetero(12, seed=3)
+    sim = Sim(make(4, seed=2), 4, epochs, cost, gates={"m1": (1,), "m4": (1, 2)})
+    sim.run(max_events=60)
+    twin = HopScheduler.from_state_dict(json.loads(json.dumps(sim.s.state_dict())))
+    assert _derived(twin) == _derived(sim.s)
+
+
+def test_index_never_hands_out_a_stale_unit() -> None:
+    """Index entries go stale lazily (a model stopped, training elsewhere or done with the
+    partition; a val unit taken, dropped or requeued): none may be handed out."""
+    s = make(2, seed=0)
+    s.add_model("top", 6)  # the longest chain: its entry heads the index
+    s.add_model("mid", 4)
+    s.add_model("low", 1)
+    s.worker_joined("w0", 0)
+    [(_, top0)] = s.assign()
+    assert top0.model_id == "top"
+    s.worker_joined("w1", 1)
+    [(_, mid1)] = s.assign()  # top trains on w0 (its entry is stale): the next chain
+    assert mid1.model_id == "mid" and mid1.partition == 1
+    s.unit_finished("w1", mid1, duration=1.0)
+    # mid waits again with the longest waiting chain, but has visited partition 1
+    assert s.assign() == [("w1", Unit("low", 0, "train", 1, 0))]
+    s.stop_model("top")  # stopped while training: its unit may finish, nothing new
+    s.unit_finished("w0", top0, duration=2.0)
+    assert s.assign() == [("w0", Unit("mid", 0, "train", 0, 1))]
+
+    # val units of a stopped model: pending (indexed) on both partitions, then dropped
+    s = make(2, seed=0)
+    s.add_model("a", 1)
+    s.add_model("b", 2)
+    s.restore_finished(Unit("a", 0, "train", 0, 0))
+    s.restore_finished(Unit("a", 0, "train", 1, 1))
+    s.stop_model("a")
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    [(w, u)] = s.assign()  # b trains on one worker at a time; nothing else may run
+    assert u.model_id == "b" and u.kind == "train"
+    assert s.idle_reason("w1" if w == "w0" else "w0") is not None
+
+    # a val unit taken through affinity (its heap entry stays), failed, requeued, finished
+    s = make(2, seed=0)
+    s.add_model("a", 1)
+    s.worker_joined("w0", 0)
+    s.worker_joined("w1", 1)
+    for _ in range(2):
+        [(w, u)] = s.assign()
+        s.unit_finished(w, u, duration=1.0)
+    got = dict(s.assign())  # w holds ckpt-2: its val unit through affinity, the other by index
+    assert got[w] == Unit("a", 0, "val", u.partition, 2) and len(got) == 2
+    assert s.unit_failed(w, got[w])
+    assert s.assign() == [(w, got[w])]  # requeued once, handed out once
+    for w2, u2 in got.items():
+        s.unit_finished(w2, u2, duration=0.5)
+    assert s.assign() == [] and s.done
+    assert s.progress()["units_done"] == 4
+
+
+def test_heap_compaction_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long journal replay supersedes many entries and compacts the heaps: same schedule as
+    without compaction."""
+    from cerebro_tasks.mop import sched_index
+
+    def run() -> list:
+        s = make(4, seed=5, validate=False)
+        for i in range(60):
+            s.add_model(f"m{i}", 3)
+        for i in range(60):  # every model through most of epoch 0, waiting all along
+            for p in range(3):
+                s.restore_finished(Unit(f"m{i}", 0, "train", p, p))
+        for p in range(4):
+            s.worker_joined(f"w{p}", p)
+        trace = []
+        while not s.done:
+            for w, u in s.assign():
+                trace.append((w, u))
+                s.unit_finished(w, u, duration=1.0 + int(u.model_id[1:]) % 3)
+        return trace
+
+    compacted = run()
+    assert len(compacted) == 60 * 12 - 60 * 3
+    monkeypatch.setattr(sched_index.TrainIndex, "_maybe_compact", lambda self: None)
+    assert run() == compacted

@@ -24,6 +24,7 @@ without the failure. Standard library only, like the scheduler.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Callable
 
 from cerebro_tasks.mop.scheduler import Unit
@@ -55,6 +56,13 @@ class Lockstep:
         self._flight: dict[str, tuple[float, int, Unit, float]] = {}
         self._arrived: dict[str, Any] = {}  # worker -> its real result, not yet released
         self.held = 0  # results that arrived before their virtual turn and had to wait
+        # (virtual finish, partition, dispatch seq, worker) of every unit in flight, so the next
+        # one is found in O(log W), not by a pass over all workers on every event. The seq keeps
+        # the old tie order of exact ties (dispatch order); entries of forgotten units are
+        # skipped when they surface (_seq no longer names them).
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._seq: dict[str, int] = {}  # worker -> seq of its unit in flight
+        self._next_seq = 0
 
     def dispatched(self, worker_id: str, unit: Unit) -> None:
         """``unit`` was sent to ``worker_id`` at the current virtual time."""
@@ -63,7 +71,14 @@ class Lockstep:
         duration = float(self._cost(unit))
         if not duration > 0:
             raise ValueError(f"cost of {unit} must be > 0, got {duration}")
-        self._flight[worker_id] = (self.now + duration, unit.partition, unit, duration)
+        finish = self.now + duration
+        self._flight[worker_id] = (finish, unit.partition, unit, duration)
+        self._seq[worker_id] = seq = self._next_seq
+        self._next_seq += 1
+        heapq.heappush(self._heap, (finish, unit.partition, seq, worker_id))
+        if len(self._heap) > 2 * len(self._seq) + 16:  # many forgotten: drop their entries
+            self._heap = [e for e in self._heap if self._seq.get(e[3]) == e[2]]
+            heapq.heapify(self._heap)
 
     def arrived(self, worker_id: str, result: Any) -> None:
         """The real result of ``worker_id``'s unit is in; it waits for its virtual turn."""
@@ -79,12 +94,15 @@ class Lockstep:
         if worker_id is None or worker_id not in self._arrived:
             return None
         finish, _, unit, duration = self._flight.pop(worker_id)
+        del self._seq[worker_id]
+        heapq.heappop(self._heap)  # its entry is the head (_next)
         self.now = finish
         return worker_id, unit, self._arrived.pop(worker_id), duration
 
     def forget(self, worker_id: str) -> Unit | None:
         """``worker_id`` failed or left: drop its unit in flight (and any result held for it)."""
         self._arrived.pop(worker_id, None)
+        self._seq.pop(worker_id, None)  # its heap entry goes when it surfaces
         flight = self._flight.pop(worker_id, None)
         return flight[2] if flight else None
 
@@ -94,6 +112,12 @@ class Lockstep:
         return sorted(self._arrived)
 
     def _next(self) -> str | None:
-        if not self._flight:
-            return None
-        return min(self._flight, key=lambda w: self._flight[w][:2])
+        """The worker whose unit finishes first in virtual time (ties: partition, then dispatch
+        order), or None; drops the heap entries of forgotten units on the way."""
+        heap, seq = self._heap, self._seq
+        while heap:
+            _, _, s, w = heap[0]
+            if seq.get(w) == s:
+                return w
+            heapq.heappop(heap)
+        return None
