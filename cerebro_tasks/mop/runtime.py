@@ -132,6 +132,8 @@ class MopDriver:
         self._joins: dict[int, int] = {}  # partition -> workers that joined for it
         self._units_run = 0
         self._records: list[dict[str, Any]] = []
+        # the same records by model: per-unit work must not grow with the run (thousands of units)
+        self._by_model: dict[str, list[dict[str, Any]]] = {}
         self._completed_models: set[str] = set()
         self._on_epoch: EpochCallback | None = None
         self._stopped_now: list[str] = []  # stopped by the last epoch callback: complete them at once
@@ -168,6 +170,8 @@ class MopDriver:
             if s["model_id"] not in self.specs:
                 self.add(ModelSpec(**s))
         self._records = self.journal.records()
+        for r in self._records:
+            self._by_model.setdefault(r["unit"]["model_id"], []).append(r)
         for r in resume_order(self._records):
             unit = Journal.unit_of(r)
             if unit.model_id in self.specs:
@@ -409,7 +413,9 @@ class MopDriver:
             if self.store.exists(*whole):
                 self.store.move(whole, checkpoint_name(unit.model_id, unit.step + 1))
         self.journal.record(unit, result)  # journal first: a unit is done once it is on record
-        self._records.append({"unit": asdict(unit), **result})
+        record = {"unit": asdict(unit), **result}
+        self._records.append(record)
+        self._by_model.setdefault(unit.model_id, []).append(record)
         self._units_run += 1
         self._s_per_cost = max(self._s_per_cost, (result["end"] - result["start"]) / self._unit_cost(unit))
         self.scheduler.unit_finished(worker_id, unit, duration=duration)
@@ -417,7 +423,7 @@ class MopDriver:
         status = self.scheduler.model_status(unit.model_id)
         if (self._on_epoch is not None and status.state == "running" and self._epoch_closed(status, unit.epoch)
                 and (unit.kind == "val") == self.scheduler.validate):
-            history = histories([r for r in self._records if r["unit"]["model_id"] == unit.model_id],
+            history = histories(self._by_model.get(unit.model_id, []),
                                 self.num_workers).get(unit.model_id, {})
             self._epoch_done(unit.model_id, unit.epoch, history)
         self._check_model(unit.model_id, on_model_done)
@@ -479,7 +485,7 @@ class MopDriver:
         if self.select is None:
             return None
         keys, mode = self.select
-        history = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
+        history = histories(self._by_model.get(model_id, []),
                             self.num_workers).get(model_id, {})
         # one name, or aliases of one metric (acc / accuracy): the first the history records
         series = next((history[k] for k in ([keys] if isinstance(keys, str) else keys) if k in history), [])
@@ -490,7 +496,7 @@ class MopDriver:
         if model_id in self._completed_models:
             return
         if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
-            history = histories([r for r in self._records if r["unit"]["model_id"] == model_id],
+            history = histories(self._by_model.get(model_id, []),
                                 self.num_workers).get(model_id, {})
             self._model_complete(model_id, history, on_model_done)
 
@@ -516,7 +522,7 @@ class MopDriver:
         log.warning("worker %s left%s", worker_id, f"; unit {lost} will run again" if lost else "")
 
     def _log_progress(self, unit: Unit, result: dict[str, Any]) -> None:
-        p = self.scheduler.progress()
+        p = self.scheduler.counts()  # O(1): progress() adds an O(M) dict per model
         elapsed = max(time.time() - self._t0, 1e-9)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items()))
         log.info("[%s] %s epoch %d %s p%d in %.1fs (%s) | models %d/%d, units %d/%d, %.1f units/min",
