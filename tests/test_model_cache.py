@@ -65,15 +65,23 @@ def _fresh(store, model_id, step):
 
 @pytest.mark.slow
 def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
+    """Models that differ only in learning rate share one built, traced model per worker (their
+    graph); each hop reads only the model's own state into it, and trains exactly as that model
+    would alone."""
+    import keras
+
     from cerebro_tasks.mop.checkpoint import load_state
 
     workload, store, w0, w1 = _runners(tmp_path, sequences=32)
-    a, b = ModelSpec("a", PARAMS, 2, seed=1), ModelSpec("b", PARAMS, 2, seed=2)
+    a, b = ModelSpec("a", PARAMS, 2, seed=1), ModelSpec("b", {**PARAMS, "learning_rate": 1e-3}, 2, seed=2)
+    assert w0.graph_key(a) == w0.graph_key(b) != w0.graph_key(ModelSpec("c", {**PARAMS, "l2": 1e-3}, 2))
     assert w0.run(Unit("a", 0, "train", 0, 0), a)["arrival"] == "cold"
-    assert w0.run(Unit("b", 0, "train", 0, 0), b)["arrival"] == "cold"
-    hop = w1.run(Unit("a", 0, "train", 1, 1), a)  # a hops to worker 1, which has never built it
+    first_b = w0.run(Unit("b", 0, "train", 0, 0), b)  # b's initial state poured into a's built model
+    assert first_b["arrival"] == "warm" and first_b["traced"] and first_b["build_s"] > 0
+    assert len(w0.cache) == 1
+    hop = w1.run(Unit("a", 0, "train", 1, 1), a)  # a hops to worker 1, which has never built its graph
     assert hop["arrival"] == "cold" and hop["build_s"] > 0 and not hop["traced"]
-    back = w0.run(Unit("a", 1, "train", 0, 2), a)  # and back to worker 0, which built it: state only
+    back = w0.run(Unit("a", 1, "train", 0, 2), a)  # back to worker 0, whose model holds b: state only
     assert back["arrival"] == "warm" and back["traced"] and back["build_s"] == 0.0
     stay = w0.run(Unit("a", 1, "val", 0, 3), a)  # a val unit right after, same worker: nothing to read
     assert stay["arrival"] == "stayed" and stay["load_s"] < 0.05
@@ -82,20 +90,20 @@ def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
     fresh = _fresh(store, "a", 2)
     inputs = workload.inputs(w0.data("train"), a, training=True, seed=a.seed * 100_003 + 2)
     fresh.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
-    warm_a = w0.cache.take("a")
-    assert warm_a is not None and warm_a.step == 3
-    _assert_same(_state(warm_a.model), _state(fresh))
+    warm = w0.cache.take(w0.graph_key(a))
+    assert warm is not None and (warm.model_id, warm.step) == ("a", 3)
+    _assert_same(_state(warm.model), _state(fresh))
 
-    # another model's state poured into a warm model (b, trained and traced on worker 0) trains
-    # exactly as that state freshly loaded: nothing of b's own weights or optimizer survives
-    warm_b = w0.cache.take("b")
-    assert warm_b is not None and warm_b.step == 1
-    load_state(store, warm_b.model, "a", 2)
-    fresh = _fresh(store, "a", 2)
-    inputs = workload.inputs(w1.data("train"), a, training=True, seed=5)
-    for model in (warm_b.model, fresh):
-        model.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
-    _assert_same(_state(warm_b.model), _state(fresh))
+    # b trained in a's graph equals b built alone from its seed and trained on the same rows: its
+    # weights, its optimizer slots and its own learning rate, nothing of a's
+    keras.utils.set_random_seed(b.seed)
+    alone = workload.build_model(b)
+    inputs = workload.inputs(w0.data("train"), b, training=True, seed=b.seed * 100_003)
+    alone.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
+    shared = workload.build_model(a)
+    load_state(store, shared, "b", 1)
+    _assert_same(_state(shared), _state(alone))
+    assert float(shared.optimizer.learning_rate) == pytest.approx(1e-3)
 
 
 @pytest.mark.slow
@@ -123,7 +131,7 @@ def test_a_failed_unit_leaves_no_trusted_model_behind(tmp_path):
     w0.run(Unit("a", 0, "train", 0, 0), a)
     with pytest.raises(FileNotFoundError):
         w0.run(Unit("a", 0, "train", 0, 5), a)  # no ckpt-5: reading the state fails
-    assert "a" not in w0.cache  # a half-way model is dropped, never served as a known state
+    assert w0.graph_key(a) not in w0.cache  # a half-way model is dropped, never served as a known state
     assert w0.run(Unit("a", 0, "val", 0, 1), a)["arrival"] == "cold"
 
 

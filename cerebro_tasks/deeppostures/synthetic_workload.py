@@ -15,7 +15,7 @@ import numpy as np
 
 from cerebro_tasks.deeppostures.architecture import AXES, SAMPLES_PER_WINDOW
 from cerebro_tasks.deeppostures.sequences import window_size_for
-from cerebro_tasks.deeppostures.workload import build_model, custom_objects, model_params
+from cerebro_tasks.deeppostures.workload import build_model, custom_objects, graph_key, model_params
 from cerebro_tasks.mop.workload import ModelSpec, UnitInputs
 
 
@@ -41,6 +41,9 @@ class SyntheticCnnBilstmWorkload:
 
     def build_model(self, spec: ModelSpec) -> Any:
         return build_model(spec.params, seed=spec.seed)
+
+    def graph_key(self, spec: ModelSpec) -> str:
+        return graph_key(spec.params)
 
     def inputs(self, data: dict[str, Any], spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
         p = model_params(spec.params)

@@ -95,6 +95,13 @@ def model_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**PARAM_DEFAULTS, **params}
 
 
+def graph_key(params: dict[str, Any]) -> str:
+    """What shapes the compiled model: every parameter but the learning rate, which Adam keeps in a
+    variable (so it travels with a model's state, mop/model_cache.py). L2 is in the loss's graph."""
+    p = model_params(params)
+    return ",".join(f"{k}={p[k]!r}" for k in sorted(p) if k != "learning_rate")
+
+
 def build_model(params: dict[str, Any], seed: int | None = None, num_classes: int = 2) -> Any:
     from cerebro_tasks.deeppostures.model import build_cnn_bilstm, window_size_for
 
@@ -149,6 +156,9 @@ class DeepPosturesWorkload:
 
     def build_model(self, spec: ModelSpec) -> Any:
         return build_model(spec.params, seed=spec.seed, num_classes=int(self.num_classes))
+
+    def graph_key(self, spec: ModelSpec) -> str:
+        return graph_key(spec.params)
 
     def inputs(self, data: dict[str, Any], spec: ModelSpec, *, training: bool, seed: int) -> UnitInputs:
         from cerebro_tasks.deeppostures.sequences import window_size_for

@@ -8,6 +8,16 @@ back in, only its weights and optimizer state are read into it (mop/checkpoint.p
 recently used models are dropped when their estimated footprint exceeds the budget, and rebuilt
 if they come back.
 
+Models that differ only in what their state carries share one built model per worker. A workload
+may name a model's *graph* (``Workload.graph_key``): the hyperparameters that shape the model, its
+loss and its compiled functions, leaving out those that live in its variables (a Keras 3 optimizer
+keeps its learning rate in a variable, so it travels in the state). The cache is keyed by graph: a
+model hopping in takes the built model of its graph, whichever model's state it held, and only
+reads its own state into it; its train and eval functions are already traced. A grid over learning
+rates then traces once per worker instead of once per model and worker, which at small unit sizes
+is most of a search's compute (bench/early_stopping.py). Without ``graph_key`` a model's graph is
+its own (its id).
+
 The budget is ``CEREBRO_MODEL_CACHE_MB`` or the driver's ``model_cache_mb`` when set; otherwise a
 quarter of the GPU's memory for a worker with a GPU (two workers may share a card, and training
 needs room beyond the models), else half of this worker's share of the host's memory (its cores
@@ -33,16 +43,17 @@ GPU_SHARE = 0.25
 
 @dataclass
 class WarmModel:
-    """A built model and what it holds: the checkpoint step its state equals, the functions traced."""
+    """A built model and what it holds: whose state at which checkpoint step, the functions traced."""
 
     model: Any
     step: int
     nbytes: int
     traced: set[str] = field(default_factory=set)  # unit kinds ("train", "val") already run on it
+    model_id: str | None = None  # the model whose state it holds (several models may share its graph)
 
 
 class ModelCache:
-    """Least-recently-used models of one worker, by model id, within `budget_bytes`.
+    """Least-recently-used built models of one worker, by graph key, within `budget_bytes`.
 
     A model is taken out while a unit runs on it and put back only when the unit succeeded, so a
     model whose unit failed half-way (weights half-updated) is never mistaken for a known state.
@@ -59,21 +70,21 @@ class ModelCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, model_id: str) -> bool:
-        return model_id in self._entries
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
-    def take(self, model_id: str) -> WarmModel | None:
-        """Remove and return the warm model of `model_id`, if this worker holds one."""
-        return self._entries.pop(model_id, None)
+    def take(self, key: str) -> WarmModel | None:
+        """Remove and return the built model of graph `key`, if this worker holds one."""
+        return self._entries.pop(key, None)
 
-    def put(self, model_id: str, entry: WarmModel) -> list[str]:
-        """Keep `entry` as the most recently used; returns the model ids evicted to stay in budget."""
-        self._entries.pop(model_id, None)
-        self._entries[model_id] = entry
+    def put(self, key: str, entry: WarmModel) -> list[str]:
+        """Keep `entry` as the most recently used; returns the graph keys evicted to stay in budget."""
+        self._entries.pop(key, None)
+        self._entries[key] = entry
         evicted = []
         while len(self._entries) > 1 and self.nbytes > self.budget_bytes:
             old, _ = self._entries.popitem(last=False)

@@ -2,8 +2,8 @@
 
 It connects back to the driver over an authenticated channel, says which partition it owns, and
 then runs whatever unit the driver pushes: bring the model to the unit's checkpoint (nothing to do
-when it stayed here; only its weights and optimizer state when this worker built it before; a
-full build otherwise, see mop/model_cache.py), train one sub-epoch or evaluate, write the next
+when it stayed here; only its weights and optimizer state when this worker built it, or another
+model of the same graph, before; a full build otherwise, see mop/model_cache.py), train one sub-epoch or evaluate, write the next
 checkpoint atomically, report the unit's parts of time. Data is read once per worker and reused by
 every model that hops in.
 """
@@ -19,7 +19,7 @@ import traceback
 from multiprocessing.connection import Client
 from typing import Any, Iterable, Iterator
 
-from cerebro_tasks.mop.checkpoint import load_state, save_checkpoint, save_state, state_bytes
+from cerebro_tasks.mop.checkpoint import decode_into, encode_state, load_state, save_checkpoint, save_state, state_bytes
 from cerebro_tasks.mop.control import Message
 from cerebro_tasks.mop.model_cache import ModelCache, WarmModel, default_budget_bytes, footprint_bytes, rss_bytes
 from cerebro_tasks.mop.scheduler import Unit
@@ -93,7 +93,8 @@ class PartitionError(RuntimeError):
 
 
 class UnitRunner:
-    """Runs units on one partition, keeping the models it built warm across hops (mop/model_cache.py)."""
+    """Runs units on one partition, keeping the models it built warm across hops, one per graph
+    (mop/model_cache.py)."""
 
     def __init__(self, workload: Workload, run_store: Store, partition: int,
                  cache_budget_bytes: int | None = None, num_partitions: int | None = None) -> None:
@@ -116,31 +117,47 @@ class UnitRunner:
                                      f"{type(e).__name__}: {e}") from e
         return self._data[kind]
 
+    def graph_key(self, spec: ModelSpec) -> str:
+        """The cache key of `spec`'s built model: its workload's graph key, else its own id."""
+        key = getattr(self.workload, "graph_key", None)
+        return spec.model_id if key is None else f"graph:{key(spec)}"
+
     def _model_at(self, spec: ModelSpec, step: int) -> tuple[WarmModel, str, float]:
         """The model at checkpoint `step` and how it came: "stayed" (already at that state here),
-        "warm" (built here before: only its state was read) or "cold" (built here now, from its seed,
-        then its state read). Also the seconds spent building; the rest is reading state."""
+        "warm" (a built model of its graph was here: only its state was read into it) or "cold"
+        (built here now, from its seed, then its state read). Also the seconds spent building; the
+        rest is reading state."""
         import keras
 
+        key = self.graph_key(spec)
         # taken out of the cache: until the unit succeeds, this worker holds nothing trusted of it
-        warm = self.cache.take(spec.model_id)
-        if warm is not None and warm.step == step:
+        warm = self.cache.take(key)
+        if warm is not None and warm.model_id == spec.model_id and warm.step == step:
             return warm, "stayed", 0.0
-        if warm is not None and step > 0:
-            load_state(self.store, warm.model, spec.model_id, step)
-            warm.step = step
-            return warm, "warm", 0.0
-        del warm  # (a model at step 0 is rebuilt: its initial weights come from its seed)
         started = time.time()
         if step == 0:
-            # Only for initial weights: seeding TensorFlow clears its kernel cache, which makes every
-            # warm model on this worker pay a re-instantiation of its functions on its next unit.
+            # Initial weights come from the model's seed. Seeding TensorFlow clears its kernel cache,
+            # which makes every warm model on this worker pay a re-instantiation of its functions on
+            # its next unit: only a model's very first unit seeds.
             keras.utils.set_random_seed(spec.seed)
-        model = self.workload.build_model(spec)
-        built = time.time()
-        if step > 0:
-            load_state(self.store, model, spec.model_id, step)
-        return WarmModel(model, step, 0), "cold", built - started
+            model = self.workload.build_model(spec)
+            built = time.time() - started
+            if warm is None:
+                return WarmModel(model, 0, 0, model_id=spec.model_id), "cold", built
+            # another model of its graph is built and traced here: it takes this one's initial state
+            # (weights, optimizer slots, learning rate); the fresh build, never traced, is dropped
+            decode_into(warm.model, encode_state(model), f"the initial state of {spec.model_id}")
+            del model
+            warm.model_id, warm.step = spec.model_id, 0
+            return warm, "warm", built
+        if warm is None:
+            warm = WarmModel(self.workload.build_model(spec), step, 0)
+            arrival, built = "cold", time.time() - started
+        else:
+            arrival, built = "warm", 0.0
+        load_state(self.store, warm.model, spec.model_id, step)
+        warm.model_id, warm.step = spec.model_id, step
+        return warm, arrival, built
 
     def run(self, unit: Unit, spec: ModelSpec, attempt: str | None = None) -> dict[str, Any]:
         """Run one unit. A train unit writes its checkpoint under ``attempt`` for the driver to
@@ -177,7 +194,7 @@ class UnitRunner:
         if inputs.num_samples:
             warm.traced.add(unit.kind)
         warm.nbytes = footprint_bytes(state_bytes(model))
-        evicted = self.cache.put(unit.model_id, warm)
+        evicted = self.cache.put(self.graph_key(spec), warm)
         end = time.time()
         return {
             "metrics": metrics,

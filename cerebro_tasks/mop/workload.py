@@ -37,7 +37,14 @@ class UnitInputs:
 
 
 class Workload(Protocol):
-    """The one interface between the MOP engine and a training problem."""
+    """The one interface between the MOP engine and a training problem.
+
+    Optionally, ``graph_key(spec) -> str`` names the model's graph: specs with the same key build
+    models with the same variables and the same compiled functions, differing only in values their
+    state carries (weights, optimizer slots, a learning rate held in a variable). A worker then
+    keeps one built, traced model per graph and reads each model's state into it
+    (mop/model_cache.py). Without it every model is a graph of its own.
+    """
 
     def load_partition(self, kind: str, partition: int) -> Any:
         """Read partition `partition` of `kind` ("train" or "val") once; the worker caches it."""
