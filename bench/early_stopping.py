@@ -7,8 +7,8 @@ Two pairs on a small generated study (so the whole bench fits minutes on a lapto
 * a random search of 27 configurations, all epochs vs Hyperband (reduction factor 3).
 
 For each search: total compute (unit-seconds: the sum of every train and val unit's duration), split
-into each model's one-off first traces per worker (units that ran a train or eval function for the
-first time there; at these small sizes they are a large share) and the steady state, wall time,
+into one-off units (a graph's first trace on each worker, a model's first unit; at these small
+sizes they are a large share) and the steady state, wall time,
 the best validation loss reached, the best configuration, and whether the full search's best
 configuration survived early stopping (was never stopped). Writes bench/results/early_stopping.json.
 
@@ -18,12 +18,14 @@ configuration survived early stopping (was never stopped). Writes bench/results/
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _common import ROOT, converted_study, write_results  # bench/ is this script's folder, first on sys.path
+from _common import RESULTS, ROOT, converted_study, write_results  # bench/ is this script's folder, first on sys.path
 
 sys.path.insert(0, ROOT)
 
@@ -58,11 +60,17 @@ def one(spark: Any, prepared: str, store: str, run_id: str, search: SearchConfig
 
 
 def compute_split(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Unit-seconds of units whose model ran its train (or eval) function for the first time on that
-    worker (Keras traces it then: a one-off cost per model and worker that early stopping cannot
-    save), and of the rest (the steady state, which grows with data and epochs)."""
-    first = sum(r["end"] - r["start"] for r in records if not r.get("traced"))
-    rest = sum(r["end"] - r["start"] for r in records if r.get("traced"))
+    """Unit-seconds of one-off units, which early stopping cannot save: those that ran a train (or
+    eval) function for the first time on their worker (Keras traces it then: once per graph and
+    worker, mop/model_cache.py), and a model's first unit on a graph already traced there (it
+    builds the model from its seed); and of the rest (the steady state, which grows with data
+    and epochs)."""
+
+    def one_off(r: dict[str, Any]) -> bool:
+        return not r.get("traced") or r.get("arrival") == "new"
+
+    first = sum(r["end"] - r["start"] for r in records if one_off(r))
+    rest = sum(r["end"] - r["start"] for r in records if not one_off(r))
     return {"first_trace_unit_seconds": round(first, 1), "steady_unit_seconds": round(rest, 1)}
 
 
@@ -97,8 +105,12 @@ def main() -> None:
         args.epochs, args.random_models = 2, 3
 
     spark = get_spark("bench-early-stopping", master=f"local[{WORKERS}]")
-    figures: dict[str, Any] = {"workers": WORKERS, "epochs": args.epochs, "subjects": args.subjects,
-                               "days": args.days, "windows_per_day": args.windows_per_day, "seed": 2019}
+    study = {"workers": WORKERS, "epochs": args.epochs, "subjects": args.subjects, "days": args.days,
+             "windows_per_day": args.windows_per_day, "seed": 2019, "command": " ".join(sys.argv)}
+    figures: dict[str, Any] = {}
+    if args.only and os.path.exists(os.path.join(RESULTS, "early_stopping.json")):
+        with open(os.path.join(RESULTS, "early_stopping.json")) as f:
+            figures = json.load(f)  # the other pair stays as its own run left it (each pair names its study)
     with tempfile.TemporaryDirectory() as d:
         dataset = converted_study(d, subjects=args.subjects, days=args.days, windows_per_day=args.windows_per_day,
                                   spark=spark)
@@ -106,15 +118,15 @@ def main() -> None:
         write_split(dataset, prepared, workers=WORKERS, seed=2019, val_fraction=0.3, spark=spark)
         common = {"num_epochs": args.epochs, "seed": 2019, "metric": "val_loss"}
         if args.only in (None, "grid"):
-            figures["grid16_asha"] = pair(spark, prepared, f"{d}/store", "grid16", {"space": grid_space, **common},
-                                          {"kind": "asha", "reduction_factor": 3, "min_epochs": 1})
+            figures["grid16_asha"] = {**pair(spark, prepared, f"{d}/store", "grid16", {"space": grid_space, **common},
+                                             {"kind": "asha", "reduction_factor": 3, "min_epochs": 1}), **study}
             if not args.quick:
                 write_results("early_stopping", figures)  # a pair at a time: an interrupted bench keeps the first
         if args.only in (None, "random"):
-            figures["random_hyperband"] = pair(
+            figures["random_hyperband"] = {**pair(
                 spark, prepared, f"{d}/store", f"random{args.random_models}",
                 {"space": RANDOM, "kind": "random", "num_models": args.random_models, **common},
-                {"kind": "hyperband", "reduction_factor": 3, "min_epochs": 1})
+                {"kind": "hyperband", "reduction_factor": 3, "min_epochs": 1}), **study}
     spark.stop()
     path = "not written (--quick)" if args.quick else write_results("early_stopping", figures)
     for key in ("grid16_asha", "random_hyperband"):
@@ -122,8 +134,8 @@ def main() -> None:
             continue
         p = figures[key]
         print(f"{key}: compute {p['full']['unit_seconds']:.0f} -> {p['early']['unit_seconds']:.0f} unit-s "
-              f"({p['compute_ratio']}x less; {p['steady_compute_ratio']}x less beside each model's one-off first "
-              f"traces, {p['full']['first_trace_unit_seconds']:.0f} -> {p['early']['first_trace_unit_seconds']:.0f} unit-s), wall {p['full']['wall_s']:.0f} -> {p['early']['wall_s']:.0f} s, best val_loss "
+              f"({p['compute_ratio']}x less; {p['steady_compute_ratio']}x less beside one-off first units "
+              f"and traces, {p['full']['first_trace_unit_seconds']:.0f} -> {p['early']['first_trace_unit_seconds']:.0f} unit-s), wall {p['full']['wall_s']:.0f} -> {p['early']['wall_s']:.0f} s, best val_loss "
               f"{p['full']['best_val_loss']:.4f} -> {p['early']['best_val_loss']:.4f}, {p['early']['stopped_models']} of "
               f"{p['early']['models']} stopped, full search's best survived: {p['full_best_survived']}")
     print(f"figures in {path}")

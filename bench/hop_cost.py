@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -29,7 +30,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from _common import ROOT, write_results  # bench/ is this script's folder, first on sys.path
+from _common import RESULTS, ROOT, write_results  # bench/ is this script's folder, first on sys.path
 
 sys.path.insert(0, ROOT)
 
@@ -81,6 +82,7 @@ def hop_schedule(version: str, params: dict[str, Any], sequences: int, models: i
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=sequences, batch_size=16)
     store = Store(os.path.join(folder, f"{version}-{params['amp_factor']}-{sequences}"))
     workers = runners(version, workload, store, 2)
+    # (one model in this bench; more of the same params would share a built model per worker)
     specs = [ModelSpec(f"m{i}", params, 99, seed=i) for i in range(models)]
     records = []
     step = dict.fromkeys((s.model_id for s in specs), 0)
@@ -114,7 +116,9 @@ def memory(version: str, params: dict[str, Any], sequences: int, models: int, un
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=sequences, batch_size=16)
     store = Store(os.path.join(folder, f"mem-{version}"))
     (worker,) = runners(version, workload, store, 1)
-    specs = [ModelSpec(f"m{i}", params, 10_000, seed=i) for i in range(models)]
+    # an L2 factor each, so that each model is a graph of its own (mop/model_cache.py): the worker
+    # holds `models` built models and every unit reads its model's state into one of them
+    specs = [ModelSpec(f"m{i}", {**params, "l2": 1e-4 * (i + 1)}, 10_000, seed=i) for i in range(models)]
     samples = []
     started = time.time()
     for n in range(units):
@@ -132,6 +136,8 @@ def memory(version: str, params: dict[str, Any], sequences: int, models: int, un
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small units (a smoke run)")
+    parser.add_argument("--only", choices=["hop", "memory"], default=None,
+                        help="run one part; the other's figures stay as they are in the results file")
     parser.add_argument("--case", action="append", metavar="AMP:SEQUENCES",
                         help="amp factor and sequences per unit (repeatable; default 0.25:640 and 1:640, the "
                              "demo's unit size)")
@@ -148,8 +154,13 @@ def main() -> None:
     visits = 6
     figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
                                "window_minutes": 3, "batch_size": 16, "visits": visits, "hop_cost": {}}
+    name = "hop_cost_quick" if args.quick else "hop_cost"
+    if args.only:  # the other part's figures as the last full run left them
+        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+            loaded = json.load(f)
+        figures = {**loaded, **figures, "hop_cost": loaded.get("hop_cost", {}) if args.only == "memory" else {}}
     with tempfile.TemporaryDirectory() as d:
-        for label, amp, sequences in cases:
+        for label, amp, sequences in (cases if args.only != "memory" else []):
             params = {"amp_factor": amp, "window_minutes": 3, "learning_rate": 1e-3}
             row: dict[str, Any] = {"sequences_per_unit": sequences}
             for version in ("after", "before"):
@@ -163,19 +174,20 @@ def main() -> None:
                           f"{f['hopped']['build_s']:.2f} s, state read {f['hopped']['load_s']:.3f} s, compute "
                           f"{f['hopped']['compute_s']:.2f} s, write {f['hopped']['save_s']:.3f} s)", flush=True)
             figures["hop_cost"][label] = row
-        params = {"amp_factor": 0.25, "window_minutes": 3, "learning_rate": 1e-3}
-        mem_units = 40 if args.quick else 208
-        figures["memory"] = {
-            "after": memory("after", params, 32, 4, mem_units, d, every=8),
-            # the old path re-traces on every unit (seconds each): fewer units show its slope
-            "before": memory("before", params, 32, 4, 24, d, every=4),
-        }
-        for version, m in figures["memory"].items():
-            print(f"memory [{version}]: {m['units']} units of {m['models']} models taking turns on one worker: "
-                  f"RSS {m['rss_mb'][0][1]:.0f} -> {m['rss_mb'][-1][1]:.0f} MB, growth after warm-up "
-                  f"{m['growth_mb_per_unit']} MB/unit ({m['seconds']} s)", flush=True)
+        if args.only != "hop":
+            params = {"amp_factor": 0.25, "window_minutes": 3, "learning_rate": 1e-3}
+            mem_units = 40 if args.quick else 208
+            figures["memory"] = {
+                "after": memory("after", params, 32, 4, mem_units, d, every=8),
+                # the old path re-traces on every unit (seconds each): fewer units show its slope
+                "before": memory("before", params, 32, 4, 24, d, every=4),
+            }
+            for version, m in figures["memory"].items():
+                print(f"memory [{version}]: {m['units']} units of {m['models']} models taking turns on one worker: "
+                      f"RSS {m['rss_mb'][0][1]:.0f} -> {m['rss_mb'][-1][1]:.0f} MB, growth after warm-up "
+                      f"{m['growth_mb_per_unit']} MB/unit ({m['seconds']} s)", flush=True)
     figures["load_avg_at_end"] = os.getloadavg()[0]
-    path = write_results("hop_cost_quick" if args.quick else "hop_cost", figures)
+    path = write_results(name, figures)
     print(f"wrote {os.path.relpath(path, ROOT)}")
 
 

@@ -23,8 +23,9 @@ on ``unit_finished``, as the runtime does.
 Run from the repo root: ``python bench/scheduler_sim.py [--reps N]`` (standard library only,
 about 25 s of CPU). Writes ``bench/results/scheduler_sim.json``.
 
-``--scale`` instead measures the driver's cost at cluster scale: the CPU time of what the
-runtime's driver does per finished unit besides I/O (mop/runtime.py in lockstep mode):
+``--scale`` instead measures the driver's scheduling cost at cluster scale: the CPU time of the
+scheduling the runtime's driver does per finished unit (mop/runtime.py in lockstep mode; not its
+I/O, its logging, or the model's history it reads when an epoch closes):
 ``Lockstep.arrived`` and ``pop_ready``, then for each released result
 ``HopScheduler.unit_finished`` + ``assign()`` + ``counts()`` (the progress log line) and
 ``Lockstep.dispatched`` for each new unit, per dispatched unit, with W in {64, 256, 512} workers

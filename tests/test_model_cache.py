@@ -77,7 +77,7 @@ def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
     assert w0.graph_key(a) == w0.graph_key(b) != w0.graph_key(ModelSpec("c", {**PARAMS, "l2": 1e-3}, 2))
     assert w0.run(Unit("a", 0, "train", 0, 0), a)["arrival"] == "cold"
     first_b = w0.run(Unit("b", 0, "train", 0, 0), b)  # b's initial state poured into a's built model
-    assert first_b["arrival"] == "warm" and first_b["traced"] and first_b["build_s"] > 0
+    assert first_b["arrival"] == "new" and first_b["traced"] and first_b["build_s"] > 0
     assert len(w0.cache) == 1
     hop = w1.run(Unit("a", 0, "train", 1, 1), a)  # a hops to worker 1, which has never built its graph
     assert hop["arrival"] == "cold" and hop["build_s"] > 0 and not hop["traced"]
@@ -143,7 +143,8 @@ def test_worker_memory_stays_flat_while_models_hop(tmp_path):
     from cerebro_tasks.mop.model_cache import rss_bytes
 
     workload, store, w0, _ = _runners(tmp_path, sequences=16)
-    specs = [ModelSpec(f"m{i}", PARAMS, 99, seed=i) for i in range(3)]
+    # an L2 factor each: three graphs, three built models, every unit a hop into another one
+    specs = [ModelSpec(f"m{i}", {**PARAMS, "l2": 1e-4 * (i + 1)}, 99, seed=i) for i in range(3)]
     step = dict.fromkeys((s.model_id for s in specs), 0)
 
     def one_round() -> list[str]:
@@ -156,10 +157,11 @@ def test_worker_memory_stays_flat_while_models_hop(tmp_path):
 
     for _ in range(2):
         one_round()  # warm-up: every model built and its train function traced
+    assert len(w0.cache) == 3
     before = rss_bytes()
     rounds = 8
     for _ in range(rounds):
-        one_round()
+        assert set(one_round()) == {"warm"}  # each unit reads its model's state into its built model
     units = rounds * len(specs)
     growth_mb_per_unit = (rss_bytes() - before) / (1 << 20) / units
     assert growth_mb_per_unit <= 1.0, f"worker memory grew {growth_mb_per_unit:.1f} MB per unit over {units} units"

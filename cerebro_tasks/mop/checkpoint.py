@@ -4,9 +4,9 @@ A hop needs only what training changed: the model's weights and its optimizer's 
 train unit the worker writes them as ``ckpt-<step>.state``, a flat file of the raw variables (a
 JSON header of shapes and dtypes, then the bytes), which is read back at the speed of the disk;
 Keras's own ``.keras`` file costs several times more to write and read because of its per-variable
-HDF5 inside a zip. A worker that already holds the model built, compiled and traced
-(mop/model_cache.py) reads the state into it; one that meets the model for the first time builds
-it with the workload's ``build_model`` and then reads the state. The whole ``.keras`` model is
+HDF5 inside a zip. A worker that already holds the model's graph built, compiled and traced
+(mop/model_cache.py) reads the state into it; one that meets the graph for the first time builds
+the model with the workload's ``build_model`` and then reads the state. The whole ``.keras`` model is
 written at the end of every epoch (``ckpt-<step>.keras``), where results, the export and early
 stopping read it. Names come from storage/layout.py; every file is published atomically.
 """

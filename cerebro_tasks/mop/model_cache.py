@@ -3,10 +3,10 @@
 Rebuilding a Keras model on every hop (``load_model`` after ``clear_session``) re-traces its
 train and eval functions, which costs the CNN-BiLSTM several times a unit's useful work, and
 leaks: every rebuild leaves memory behind (about 15 MB per unit for a small CNN-BiLSTM, 70 MB at
-the published sizes). A worker therefore builds each model once and keeps it; when the model hops
-back in, only its weights and optimizer state are read into it (mop/checkpoint.py). The least
-recently used models are dropped when their estimated footprint exceeds the budget, and rebuilt
-if they come back.
+the published sizes). A worker therefore builds a model once and keeps it; when the model (or
+another of its graph, below) hops in, only its weights and optimizer state are read into it
+(mop/checkpoint.py). The least recently used built models are dropped when their estimated
+footprint exceeds the budget, and rebuilt if they are needed again.
 
 Models that differ only in what their state carries share one built model per worker. A workload
 may name a model's *graph* (``Workload.graph_key``): the hyperparameters that shape the model, its

@@ -7,9 +7,11 @@
 - true hop cost (shared/reference/mop.md): the median time of units whose model came from
   elsewhere over the median time of the same unit (same model, same kind, same number of
   samples) on a model that stayed on its worker, so re-tracing counts as the hop's, not as
-  compute. Split by how the model arrived: "warm" (the worker had built it before and only read
-  its state) and "cold" (built on the worker for this unit). The worker's one-off data read is
-  left out of both.
+  compute. Split by how the model arrived: "warm" (the worker had built it, or another model of
+  its graph, before and only read its state) and "cold" (built on the worker for this unit). The
+  worker's one-off data read is left out of both. A model's first unit on a graph the worker
+  already built ("new": made from its seed, its initial state read into the traced model) is not
+  a hop: the model starts there.
 Worker-side timestamps are compared only within one worker, so clock skew between machines does
 not distort the figures.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-ARRIVALS = ("stayed", "warm", "cold")
+ARRIVALS = ("stayed", "warm", "cold", "new")
 
 
 def timeline_figures(records: list[dict[str, Any]], num_workers: int) -> dict[str, Any]:

@@ -124,9 +124,10 @@ class UnitRunner:
 
     def _model_at(self, spec: ModelSpec, step: int) -> tuple[WarmModel, str, float]:
         """The model at checkpoint `step` and how it came: "stayed" (already at that state here),
-        "warm" (a built model of its graph was here: only its state was read into it) or "cold"
-        (built here now, from its seed, then its state read). Also the seconds spent building; the
-        rest is reading state."""
+        "warm" (a built model of its graph was here: only its state was read into it), "new" (its
+        first unit, on a graph built here: made from its seed, its initial state read into the
+        traced model) or "cold" (built here now, from its seed, then its state read). Also the
+        seconds spent building; the rest is reading state."""
         import keras
 
         key = self.graph_key(spec)
@@ -149,7 +150,7 @@ class UnitRunner:
             decode_into(warm.model, encode_state(model), f"the initial state of {spec.model_id}")
             del model
             warm.model_id, warm.step = spec.model_id, 0
-            return warm, "warm", built
+            return warm, "new", built
         if warm is None:
             warm = WarmModel(self.workload.build_model(spec), step, 0)
             arrival, built = "cold", time.time() - started
