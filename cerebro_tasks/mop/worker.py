@@ -143,7 +143,7 @@ class UnitRunner:
             keras.utils.set_random_seed(spec.seed)
             model = self.workload.build_model(spec)
             built = time.time() - started
-            if warm is None:
+            if warm is None or warm.model_id == spec.model_id:  # (its own model again: a re-run from scratch)
                 return WarmModel(model, 0, 0, model_id=spec.model_id), "cold", built
             # another model of its graph is built and traced here: it takes this one's initial state
             # (weights, optimizer slots, learning rate); the fresh build, never traced, is dropped
