@@ -116,19 +116,21 @@ def memory(version: str, params: dict[str, Any], sequences: int, models: int, un
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=sequences, batch_size=16)
     store = Store(os.path.join(folder, f"mem-{version}"))
     (worker,) = runners(version, workload, store, 1)
-    # an L2 factor each, so that each model is a graph of its own (mop/model_cache.py): the worker
-    # holds `models` built models and every unit reads its model's state into one of them
-    specs = [ModelSpec(f"m{i}", {**params, "l2": 1e-4 * (i + 1)}, 10_000, seed=i) for i in range(models)]
+    # one graph (mop/model_cache.py): the worker holds one built model and every unit reads its
+    # model's state into it, a hop in; models of their own graphs would each stay where they are
+    specs = [ModelSpec(f"m{i}", params, 10_000, seed=i) for i in range(models)]
     samples = []
+    arrivals: dict[str, int] = {}
     started = time.time()
     for n in range(units):
         s = specs[n % models]
-        worker.run(Unit(s.model_id, 0, "train", 0, n // models), s)
+        arrival = worker.run(Unit(s.model_id, 0, "train", 0, n // models), s).get("arrival", "rebuilt")
+        arrivals[arrival] = arrivals.get(arrival, 0) + 1
         if (n + 1) % every == 0:
             samples.append([n + 1, round(rss_bytes() / (1 << 20), 1)])
     warm = [(n, mb) for n, mb in samples if n >= 2 * models]  # after every model's build and 2nd trace
     growth = (warm[-1][1] - warm[0][1]) / (warm[-1][0] - warm[0][0]) if len(warm) > 1 else None
-    return {"units": units, "models": models, "sequences": sequences, "rss_mb": samples,
+    return {"units": units, "models": models, "sequences": sequences, "rss_mb": samples, "arrivals": arrivals,
             "growth_mb_per_unit": None if growth is None else round(growth, 3),
             "seconds": round(time.time() - started, 1)}
 

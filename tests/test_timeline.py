@@ -22,6 +22,7 @@ def test_true_hop_cost_pairs_the_same_unit_hopped_in_and_stayed():
         rec("a", "train", 1, 6.0, 2.0, "stayed", n=50),  # another size: pairs with nothing
         rec("b", "val", 0, 4.2, 1.0, "stayed"), rec("b", "val", 1, 8.0, 3.0, "cold", build=1.5),
         rec("c", "train", 0, 5.2, 9.0, "cold"),  # never stayed anywhere: no baseline, left out
+        rec("a", "train", 0, 14.2, 9.0, "new"),  # a's first unit on a graph already traced: not a hop
     ]
     got = hop_cost(records)
     # a/train/100: hopped in (2.2 warm, 5.0 cold) -> median 3.6 over 2.0; b/val: 3.0 over 1.0
@@ -31,7 +32,7 @@ def test_true_hop_cost_pairs_the_same_unit_hopped_in_and_stayed():
     assert got["hop_cost_cold"] == pytest.approx((2.5 + 3.0) / 2)
 
     figures = timeline_figures(records, 2)
-    assert figures["arrivals"] == {"stayed": 3, "warm": 1, "cold": 3}
+    assert figures["arrivals"] == {"stayed": 3, "warm": 1, "cold": 3, "new": 1}
     assert figures["build_s"] == pytest.approx(2.5)  # counted as hop overhead, not as compute
     assert figures["hop_cost"] == got["hop_cost"]
 
