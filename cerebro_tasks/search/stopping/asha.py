@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cerebro_tasks.search.stopping.base import (CONTINUE, Decision, StoppingRule, from_json_number, quantile,
-                                                to_json_number)
+from cerebro_tasks.search.stopping.base import (CONTINUE, Decision, StoppingRule, at_least, from_json_number,
+                                                quantile, to_json_number)
 
 
 def rungs(min_epochs: int, reduction_factor: int, max_epochs: int, offset: int = 0) -> list[int]:
@@ -43,12 +43,8 @@ class ASHA(StoppingRule):
     def __init__(self, *, mode: str, max_epochs: int, reduction_factor: int = 3, min_epochs: int = 1,
                  _offset: int = 0) -> None:
         super().__init__(mode=mode, max_epochs=max_epochs)
-        if reduction_factor < 2:
-            raise ValueError(f"early_stopping.reduction_factor: expected an integer >= 2, got {reduction_factor!r}")
-        if min_epochs < 1:
-            raise ValueError(f"early_stopping.min_epochs: expected an integer >= 1, got {min_epochs!r}")
-        self.reduction_factor = reduction_factor
-        self.min_epochs = min_epochs
+        self.reduction_factor = at_least("reduction_factor", reduction_factor, 2)
+        self.min_epochs = at_least("min_epochs", min_epochs, 1)
         self.rungs = rungs(min_epochs, reduction_factor, max_epochs, _offset)
         self._recorded: dict[int, list[tuple[str, float]]] = {t: [] for t in self.rungs}
         self._provisional: dict[int, list[str]] = {t: [] for t in self.rungs}  # passed t, not yet past the next

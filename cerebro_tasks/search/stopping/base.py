@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def at_least(name: str, value: int, low: int) -> int:
+    """`value` when it is at least `low`; else an error naming the setting (``early_stopping.<name>``)."""
+    if value < low:
+        raise ValueError(f"early_stopping.{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a rule says about one model after one epoch: go on, or stop and why."""

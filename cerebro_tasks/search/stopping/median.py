@@ -12,7 +12,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from cerebro_tasks.search.stopping.base import CONTINUE, Decision, StoppingRule, from_json_number, to_json_number
+from cerebro_tasks.search.stopping.base import (CONTINUE, Decision, StoppingRule, at_least, from_json_number,
+                                                to_json_number)
 
 
 class MedianStopping(StoppingRule):
@@ -23,12 +24,8 @@ class MedianStopping(StoppingRule):
 
     def __init__(self, *, mode: str, max_epochs: int, min_epochs: int = 1, min_samples: int = 3) -> None:
         super().__init__(mode=mode, max_epochs=max_epochs)
-        if min_epochs < 1:
-            raise ValueError(f"early_stopping.min_epochs: expected an integer >= 1, got {min_epochs!r}")
-        if min_samples < 1:
-            raise ValueError(f"early_stopping.min_samples: expected an integer >= 1, got {min_samples!r}")
-        self.min_epochs = min_epochs
-        self.min_samples = min_samples
+        self.min_epochs = at_least("min_epochs", min_epochs, 1)
+        self.min_samples = at_least("min_samples", min_samples, 1)
         self._losses: dict[str, list[float]] = {}
 
     def _decide(self, model_id: str, epoch: int, loss: float) -> Decision:
