@@ -170,6 +170,7 @@ class MopDriver:
             if s["model_id"] not in self.specs:
                 self.add(ModelSpec(**s))
         self._records = self.journal.records()
+        self._by_model = {}
         for r in self._records:
             self._by_model.setdefault(r["unit"]["model_id"], []).append(r)
         for r in resume_order(self._records):
@@ -423,8 +424,7 @@ class MopDriver:
         status = self.scheduler.model_status(unit.model_id)
         if (self._on_epoch is not None and status.state == "running" and self._epoch_closed(status, unit.epoch)
                 and (unit.kind == "val") == self.scheduler.validate):
-            history = histories(self._by_model.get(unit.model_id, []),
-                                self.num_workers).get(unit.model_id, {})
+            history = self._history(unit.model_id)
             self._epoch_done(unit.model_id, unit.epoch, history)
         self._check_model(unit.model_id, on_model_done)
         while self._stopped_now:  # other models a decision stopped: their workers are free now
@@ -481,12 +481,15 @@ class MopDriver:
                 except OSError as e:  # kept for the next pass: space is not worth failing a run
                     log.warning("could not delete %s of %s: %s", name, model_id, e)
 
+    def _history(self, model_id: str) -> dict[str, list[float]]:
+        """The model's per-epoch history from its own records (not the whole run's)."""
+        return histories(self._by_model.get(model_id, []), self.num_workers).get(model_id, {})
+
     def _best_epoch(self, model_id: str) -> int | None:
         if self.select is None:
             return None
         keys, mode = self.select
-        history = histories(self._by_model.get(model_id, []),
-                            self.num_workers).get(model_id, {})
+        history = self._history(model_id)
         # one name, or aliases of one metric (acc / accuracy): the first the history records
         series = next((history[k] for k in ([keys] if isinstance(keys, str) else keys) if k in history), [])
         scored = [(v if mode == "min" else -v, e) for e, v in enumerate(series) if v == v]  # skip NaN
@@ -496,8 +499,7 @@ class MopDriver:
         if model_id in self._completed_models:
             return
         if self.scheduler.model_status(model_id).state in ("done", "stopped", "failed"):
-            history = histories(self._by_model.get(model_id, []),
-                                self.num_workers).get(model_id, {})
+            history = self._history(model_id)
             self._model_complete(model_id, history, on_model_done)
 
     def _model_complete(self, model_id: str, history: dict[str, list[float]],

@@ -122,15 +122,14 @@ class UnitRunner:
         key = getattr(self.workload, "graph_key", None)
         return spec.model_id if key is None else f"graph:{key(spec)}"
 
-    def _model_at(self, spec: ModelSpec, step: int) -> tuple[WarmModel, str, float]:
+    def _model_at(self, spec: ModelSpec, step: int, key: str) -> tuple[WarmModel, str, float]:
         """The model at checkpoint `step` and how it came: "stayed" (already at that state here),
         "warm" (a built model of its graph was here: only its state was read into it), "new" (its
         first unit, on a graph built here: made from its seed, its initial state read into the
         traced model) or "cold" (built here now, from its seed, then its state read). Also the
-        seconds spent building; the rest is reading state."""
+        seconds spent building; the rest is reading state. `key`: its graph key (cache entry)."""
         import keras
 
-        key = self.graph_key(spec)
         # taken out of the cache: until the unit succeeds, this worker holds nothing trusted of it
         warm = self.cache.take(key)
         if warm is not None and warm.model_id == spec.model_id and warm.step == step:
@@ -167,7 +166,8 @@ class UnitRunner:
         start = time.time()
         data = self.data(unit.kind)
         read = time.time()
-        warm, arrival, build_s = self._model_at(spec, unit.step)
+        key = self.graph_key(spec)
+        warm, arrival, build_s = self._model_at(spec, unit.step, key)
         loaded = time.time()
         model = warm.model
         training = unit.kind == "train"
@@ -195,7 +195,7 @@ class UnitRunner:
         if inputs.num_samples:
             warm.traced.add(unit.kind)
         warm.nbytes = footprint_bytes(state_bytes(model))
-        evicted = self.cache.put(self.graph_key(spec), warm)
+        evicted = self.cache.put(key, warm)
         end = time.time()
         return {
             "metrics": metrics,
