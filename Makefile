@@ -32,8 +32,12 @@ setup-postgres: setup
 demo: setup
 	@scripts/demo
 
+# Two test files at a time: the slow tests spend much of their time waiting (JVM and Python start-up,
+# Airflow's scheduler loop), so on 2 cores the suite takes 16 min instead of 21. TEST_WORKERS=0 runs
+# it in this one process (pytest-xdist's -n 0).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -107,6 +107,39 @@ def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_built_on_a_worker_traces_its_train_step_once(tmp_path):
+    """Keras makes an optimizer's variables in the first traced train step; TensorFlow then traces
+    that step again without them (3 of the CNN-BiLSTM's 7 s of first trace). A worker builds a
+    model with its optimizer made, so its first unit traces once, a cold hop in too."""
+    from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
+    from cerebro_tasks.mop.worker import UnitRunner
+    from cerebro_tasks.storage.store import Store
+
+    traces: list[str] = []
+
+    class Counting(SyntheticWorkload):
+        def build_model(self, spec):
+            model = super().build_model(spec)
+            step = model.train_step  # Keras calls self.train_step while it traces its train function
+
+            def counted(data):
+                traces.append(spec.model_id)
+                return step(data)
+
+            model.train_step = counted
+            return model
+
+    workload = Counting(rows_per_partition=256)
+    store = Store(str(tmp_path / "run"))
+    w0, w1 = (UnitRunner(workload, store, p, num_partitions=2) for p in range(2))
+    spec = ModelSpec("a", {"hidden": 8}, 1, seed=1)
+    w0.run(Unit("a", 0, "train", 0, 0), spec)
+    assert traces == ["a"]
+    assert w1.run(Unit("a", 0, "train", 1, 1), spec)["arrival"] == "cold"  # built there, its state read
+    assert traces == ["a", "a"]
+
+
+@pytest.mark.slow
 def test_a_state_of_another_architecture_is_refused_by_name(tmp_path):
     from cerebro_tasks.deeppostures.workload import build_model
     from cerebro_tasks.mop.checkpoint import CheckpointError, load_state, save_state

@@ -99,6 +99,9 @@ def test_write_split_layout_partitions_and_report(spark, dataset, tmp_path):
             part = report["partitions"][name][p]
             assert sorted(set(got["id"])) == part["subjects"]
             assert len(got["time"]) == part["windows"]
+            usable = (got["sleeping"] == 0) & (got["non_wear"] == 0) & (got["label"] >= 0)
+            assert part["usable_labels"] == {str(k): int(c) for k, c in zip(*np.unique(got["label"][usable],
+                                                                                    return_counts=True))}
             for s in part["subjects"]:  # whole subjects, in one place only, rows identical
                 assert s not in seen
                 seen[s] = f"{name}/{p}"
@@ -116,6 +119,20 @@ def test_write_split_layout_partitions_and_report(spark, dataset, tmp_path):
 
     again = sp.write_split(dataset, prepared, workers=2, seed=seed, spark=spark)
     assert again["reused"] is True and again["subjects"] == report["subjects"]
+
+    # training's class weights come from these counts, and equal a count over the data itself,
+    # which is what a split written before the counts were recorded still gets
+    from cerebro_tasks.jobs import train
+
+    weights = train.class_weights(spark, prepared, 2)
+    with open(os.path.join(prepared, "split.json")) as f:
+        older = json.load(f)
+    for part in older["partitions"]["train"]:
+        del part["usable_labels"]
+    with open(os.path.join(prepared, "split.json"), "w") as f:
+        json.dump(older, f)
+    assert train._recorded_label_counts(prepared, 2) is None
+    assert dict(train.class_weights(spark, prepared, 2)) == pytest.approx(dict(weights))
 
 
 @pytest.mark.slow

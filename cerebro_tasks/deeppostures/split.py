@@ -247,7 +247,17 @@ def _write_subject(task: dict) -> dict:
             table = table.take(pc.sort_indices(table, sort_keys=[("time", "ascending")]))
     info = pio.write_windows_file(out_store.fs, out_store.path(task["file"]), table,
                                   row_group_rows=pio.DEFAULT_ROW_GROUP_ROWS)
-    return {"file": task["file"], "rows": info["rows"], "row_groups": info["row_groups"]}
+    return {"file": task["file"], "rows": info["rows"], "row_groups": info["row_groups"],
+            "usable_labels": usable_labels(table)}
+
+
+def usable_labels(table: pa.Table) -> dict[str, int]:
+    """``{label: windows}`` of the windows training can use (worn, awake, labelled): what the
+    class weights are made of, counted here so that training needs no pass over the data."""
+    usable = pc.and_(pc.and_(pc.equal(table.column("sleeping"), 0), pc.equal(table.column("non_wear"), 0)),
+                     pc.greater_equal(table.column("label"), 0))
+    counts = pc.value_counts(table.column("label").filter(usable))
+    return {str(v): int(c) for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,9 +271,10 @@ def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
     """Split a windows dataset by subject and write balanced partitions for ``workers`` workers.
 
     Returns the report also stored as ``<prepared>/split.json``: subjects per split and per
-    partition, windows and usable windows per partition, ``imbalance`` (max/mean - 1 of usable
-    windows) per split, realised fractions, ``reused`` (True when an identical split was already
-    there and nothing was written) and ``seconds``. With ``as_of_ns``, the dataset as it was then:
+    partition, windows and usable windows per partition (and the usable ones by label,
+    ``usable_labels``), ``imbalance`` (max/mean - 1 of usable windows) per split, realised
+    fractions, ``reused`` (True when an identical split was already there and nothing was
+    written) and ``seconds``. With ``as_of_ns``, the dataset as it was then:
     only the files that had arrived before it (:mod:`cerebro_tasks.deeppostures.arrivals`).
     """
     started = time.perf_counter()
@@ -338,9 +349,17 @@ def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
     try:
         written = sc.parallelize(tasks, max(1, len(tasks))).map(_write_subject).collect()
         row_groups_by_folder: dict[str, dict[str, int]] = {}
+        labels_by_folder: dict[str, dict[str, int]] = {}
         for w in written:
             folder, fname = posixpath.split(w["file"])
             row_groups_by_folder.setdefault(folder, {})[fname] = w["row_groups"]
+            labels = labels_by_folder.setdefault(folder, {})
+            for label, count in w["usable_labels"].items():
+                labels[label] = labels.get(label, 0) + count
+        for parts in report_parts.values():
+            for part in parts:
+                counts = labels_by_folder.get(part["path"], {})
+                part["usable_labels"] = {label: counts[label] for label in sorted(counts, key=int)}
         for folder, row_groups in row_groups_by_folder.items():
             pio.write_petastorm_metadata(_sibling_url(prepared_url, stage_name, folder), row_groups)
 

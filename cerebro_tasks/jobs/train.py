@@ -49,11 +49,37 @@ def search_driver(config: TrainConfig, mop: Any) -> SearchDriver:
 
 
 def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tuple[int, float], ...]:
-    """Balanced weights n / (2 n_c) from the label counts of the windows training can use.
+    """Balanced weights n / (k n_c) from the label counts of the windows training can use.
 
-    A distributed count over three small Parquet columns of the training partitions: nothing but
-    two numbers reaches the driver, whatever the size of the study.
+    The split counted them as it wrote the partitions (split.json, ``usable_labels``); a split
+    written before it did is counted now, distributed over three small Parquet columns of the
+    training partitions: nothing but k numbers reaches the driver, whatever the size of the study.
     """
+    counts = _recorded_label_counts(prepared_url, num_workers)
+    if counts is None:
+        counts = _count_labels(spark, prepared_url, num_workers)
+    n = sum(counts.values())
+    if len(counts) < 2:
+        log.warning("training data holds labels %s only; class weights left at 1", sorted(counts))
+        return ((0, 1.0), (1, 1.0))
+    return tuple((label, n / (len(counts) * c)) for label, c in sorted(counts.items()))
+
+
+def _recorded_label_counts(prepared_url: str, num_workers: int) -> dict[int, int] | None:
+    from cerebro_tasks.deeppostures.split import SPLIT_FILE
+
+    parts = Store(prepared_url).read_json(SPLIT_FILE)["partitions"]["train"]
+    if len(parts) != num_workers or any("usable_labels" not in p for p in parts):
+        return None
+    counts: dict[int, int] = {}
+    for part in parts:
+        for label, count in part["usable_labels"].items():
+            if count:
+                counts[int(label)] = counts.get(int(label), 0) + int(count)
+    return counts
+
+
+def _count_labels(spark: Any, prepared_url: str, num_workers: int) -> dict[int, int]:
     from pyspark.sql import functions as F
 
     from cerebro_tasks.deeppostures.split import partition_url
@@ -62,12 +88,7 @@ def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tupl
     df = spark.read.parquet(*paths).select("label", "sleeping", "non_wear")
     rows = (df.where((F.col("sleeping") == 0) & (F.col("non_wear") == 0) & (F.col("label") >= 0))
             .groupBy("label").count().collect())
-    counts = {int(r["label"]): int(r["count"]) for r in rows}
-    n = sum(counts.values())
-    if len(counts) < 2:
-        log.warning("training data holds labels %s only; class weights left at 1", sorted(counts))
-        return ((0, 1.0), (1, 1.0))
-    return tuple((label, n / (len(counts) * c)) for label, c in sorted(counts.items()))
+    return {int(r["label"]): int(r["count"]) for r in rows}
 
 
 def train(config: TrainConfig, spark: Any) -> dict[str, Any]:

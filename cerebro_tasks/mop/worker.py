@@ -3,8 +3,8 @@
 It connects back to the driver over an authenticated channel, says which partition it owns, and
 then runs whatever unit the driver pushes: bring the model to the unit's checkpoint (nothing to do
 when it stayed here; only its weights and optimizer state when this worker built it, or another
-model of the same graph, before; a full build otherwise, see mop/model_cache.py), train one sub-epoch or evaluate, write the next
-checkpoint atomically, report the unit's parts of time. Data is read once per worker and reused by
+model of the same graph, before; a full build otherwise, see mop/model_cache.py), train one
+sub-epoch or evaluate, write the next checkpoint atomically, report the unit's parts of time. Data is read once per worker and reused by
 every model that hops in.
 """
 
@@ -19,11 +19,14 @@ import traceback
 from multiprocessing.connection import Client
 from typing import Any, Iterable, Iterator
 
-from cerebro_tasks.mop.checkpoint import decode_into, encode_state, load_state, save_checkpoint, save_state, state_bytes
+import numpy as np
+
+from cerebro_tasks.mop.checkpoint import (decode_into, encode_state, load_state, save_checkpoint, save_state,
+                                         state_bytes, state_variables)
 from cerebro_tasks.mop.control import Message
 from cerebro_tasks.mop.model_cache import ModelCache, WarmModel, default_budget_bytes, footprint_bytes, rss_bytes
 from cerebro_tasks.mop.scheduler import Unit
-from cerebro_tasks.mop.workload import ModelSpec, Workload
+from cerebro_tasks.mop.workload import ModelSpec, UnitInputs, Workload
 from cerebro_tasks.storage.store import Store
 
 
@@ -86,6 +89,27 @@ def capture_metric_states(model: Any) -> dict[str, dict[str, Any]]:
                 "state": {v.name: np.asarray(v).tolist() for v in metric.variables},
             }
     return out
+
+
+def make_lazy_variables(model: Any, inputs: UnitInputs) -> None:
+    """Make now the variables Keras makes inside a model's first traced step on TensorFlow: its
+    optimizer's, and those of metrics compiled by name ("accuracy"). Made inside the trace, they
+    make TensorFlow trace the whole step a second time (3 of the CNN-BiLSTM's 7 s of first trace).
+    Keras itself builds them ahead under a distribution strategy (``_symbolic_build``, from the
+    shapes of one batch); the values are the same zeros either way."""
+    import keras
+
+    build = getattr(model, "_symbolic_build", None)  # Keras 3's own; absent elsewhere
+    if build is not None and inputs.num_samples and isinstance(inputs.x, (np.ndarray, list, tuple, dict)):
+        def first(a: Any) -> Any:
+            return None if a is None else a[:1]
+
+        try:
+            build(data_batch=(keras.tree.map_structure(first, inputs.x), keras.tree.map_structure(first, inputs.y),
+                              first(inputs.sample_weight)))
+        except Exception as e:  # a model Keras cannot build from shapes still builds in its trace
+            logging.getLogger("cerebro_tasks.mop").debug("variables left to the first trace: %s", e)
+    state_variables(model)  # the optimizer's, whatever the above could do
 
 
 class PartitionError(RuntimeError):
@@ -174,6 +198,8 @@ class UnitRunner:
         traced = unit.kind in warm.traced
         # a different, reproducible shuffle for every sub-epoch of every model
         inputs = self.workload.inputs(data, spec, training=training, seed=spec.seed * 100_003 + unit.step)
+        if not traced:
+            make_lazy_variables(model, inputs)
         if inputs.num_samples == 0:
             metrics: dict[str, float] = {}
         elif training:
