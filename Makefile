@@ -33,7 +33,7 @@ demo: setup
 	@scripts/demo
 
 # Two test files at a time: the slow tests spend much of their time waiting (JVM and Python start-up,
-# Airflow's scheduler loop), so on 2 cores the suite takes 16 min instead of 21. TEST_WORKERS=0 runs
+# Airflow's scheduler loop), so on 2 cores the suite takes 15-17 min instead of 21. TEST_WORKERS=0 runs
 # it in this one process (pytest-xdist's -n 0).
 TEST_WORKERS ?= 2
 test: setup

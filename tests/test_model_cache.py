@@ -138,6 +138,17 @@ def test_a_model_built_on_a_worker_traces_its_train_step_once(tmp_path):
     assert w1.run(Unit("a", 0, "train", 1, 1), spec)["arrival"] == "cold"  # built there, its state read
     assert traces == ["a", "a"]
 
+    # the same weights and optimizer state as Keras alone gives, variables made in its trace
+    import keras
+
+    keras.utils.set_random_seed(spec.seed)
+    alone = SyntheticWorkload(rows_per_partition=256).build_model(spec)
+    for p in range(2):
+        inputs = workload.inputs(w0.data("train") if p == 0 else w1.data("train"), spec, training=True,
+                                 seed=spec.seed * 100_003 + p)
+        alone.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
+    _assert_same(_state(w1.cache.take("a").model), _state(alone))
+
 
 @pytest.mark.slow
 def test_a_state_of_another_architecture_is_refused_by_name(tmp_path):

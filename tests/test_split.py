@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -124,6 +125,9 @@ def test_write_split_layout_partitions_and_report(spark, dataset, tmp_path):
     # which is what a split written before the counts were recorded still gets
     from cerebro_tasks.jobs import train
 
+    recorded = train._recorded_label_counts(prepared, 2)
+    assert recorded == {int(k): c for k, c in sum((Counter(p["usable_labels"]) for p in report["partitions"]["train"]),
+                                                  Counter()).items()}
     weights = train.class_weights(spark, prepared, 2)
     with open(os.path.join(prepared, "split.json")) as f:
         older = json.load(f)

@@ -354,12 +354,13 @@ def write_split(dataset_url: str, prepared_url: str, *, workers: int, seed: int,
             folder, fname = posixpath.split(w["file"])
             row_groups_by_folder.setdefault(folder, {})[fname] = w["row_groups"]
             labels = labels_by_folder.setdefault(folder, {})
-            for label, count in w["usable_labels"].items():
+            for label, count in (w.get("usable_labels") or {}).items():
                 labels[label] = labels.get(label, 0) + count
-        for parts in report_parts.values():
-            for part in parts:
-                counts = labels_by_folder.get(part["path"], {})
-                part["usable_labels"] = {label: counts[label] for label in sorted(counts, key=int)}
+        if all("usable_labels" in w for w in written):  # (executors of an older version count none)
+            for parts in report_parts.values():
+                for part in parts:
+                    counts = labels_by_folder.get(part["path"], {})
+                    part["usable_labels"] = {label: counts[label] for label in sorted(counts, key=int)}
         for folder, row_groups in row_groups_by_folder.items():
             pio.write_petastorm_metadata(_sibling_url(prepared_url, stage_name, folder), row_groups)
 

@@ -68,9 +68,9 @@ def class_weights(spark: Any, prepared_url: str, num_workers: int) -> tuple[tupl
 def _recorded_label_counts(prepared_url: str, num_workers: int) -> dict[int, int] | None:
     from cerebro_tasks.deeppostures.split import SPLIT_FILE
 
-    parts = Store(prepared_url).read_json(SPLIT_FILE)["partitions"]["train"]
+    parts = Store(prepared_url).read_json(SPLIT_FILE).get("partitions", {}).get("train") or []
     if len(parts) != num_workers or any("usable_labels" not in p for p in parts):
-        return None
+        return None  # a split written before the counts were
     counts: dict[int, int] = {}
     for part in parts:
         for label, count in part["usable_labels"].items():

@@ -101,12 +101,14 @@ def make_lazy_variables(model: Any, inputs: UnitInputs) -> None:
 
     build = getattr(model, "_symbolic_build", None)  # Keras 3's own; absent elsewhere
     if build is not None and inputs.num_samples and isinstance(inputs.x, (np.ndarray, list, tuple, dict)):
-        def first(a: Any) -> Any:
-            return None if a is None else a[:1]
+        def spec(a: Any) -> Any:
+            # the batch dimension unknown, as the traced step sees it: Keras picks a metric or loss
+            # given by name ("accuracy") from the shapes, and a batch of 1 could change its pick
+            return None if a is None else keras.KerasTensor((None, *np.shape(a)[1:]), np.asarray(a[:1]).dtype.name)
 
         try:
-            build(data_batch=(keras.tree.map_structure(first, inputs.x), keras.tree.map_structure(first, inputs.y),
-                              first(inputs.sample_weight)))
+            build(data_batch=tuple(keras.tree.map_structure(spec, part)
+                                   for part in (inputs.x, inputs.y, inputs.sample_weight)))
         except Exception as e:  # a model Keras cannot build from shapes still builds in its trace
             logging.getLogger("cerebro_tasks.mop").debug("variables left to the first trace: %s", e)
     state_variables(model)  # the optimizer's, whatever the above could do
