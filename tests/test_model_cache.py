@@ -108,9 +108,10 @@ def test_a_warm_model_trains_exactly_as_a_freshly_loaded_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_model_built_on_a_worker_traces_its_train_step_once(tmp_path):
-    """Keras makes an optimizer's variables in the first traced train step; TensorFlow then traces
-    that step again without them (3 of the CNN-BiLSTM's 7 s of first trace). A worker builds a
-    model with its optimizer made, so its first unit traces once, a cold hop in too."""
+    """Keras makes an optimizer's variables, and those of metrics compiled by name ("accuracy"),
+    in the first traced train step; TensorFlow then traces that step again without them (3 of the
+    CNN-BiLSTM's 7 s of first trace). A worker makes them first, so a model's first unit traces
+    once, a cold hop in too, and trains exactly as Keras alone would."""
     from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
     from cerebro_tasks.mop.worker import UnitRunner
     from cerebro_tasks.storage.store import Store

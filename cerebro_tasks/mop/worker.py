@@ -4,8 +4,8 @@ It connects back to the driver over an authenticated channel, says which partiti
 then runs whatever unit the driver pushes: bring the model to the unit's checkpoint (nothing to do
 when it stayed here; only its weights and optimizer state when this worker built it, or another
 model of the same graph, before; a full build otherwise, see mop/model_cache.py), train one
-sub-epoch or evaluate, write the next checkpoint atomically, report the unit's parts of time. Data is read once per worker and reused by
-every model that hops in.
+sub-epoch or evaluate, write the next checkpoint atomically, report the unit's parts of time. Data
+is read once per worker and reused by every model that hops in.
 """
 
 from __future__ import annotations
