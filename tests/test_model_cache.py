@@ -152,6 +152,29 @@ def test_a_model_built_on_a_worker_traces_its_train_step_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_keras_cannot_build_ahead_still_trains(tmp_path):
+    """Building the variables ahead is an optimisation: a model whose build from shapes fails
+    (here it raises) trains as before, its variables made in its first trace."""
+    from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
+    from cerebro_tasks.mop.worker import UnitRunner
+    from cerebro_tasks.storage.store import Store
+
+    class Unbuildable(SyntheticWorkload):
+        def build_model(self, spec):
+            model = super().build_model(spec)
+
+            def refuse(**kwargs):
+                raise RuntimeError("Unable to automatically build the model")
+
+            model._symbolic_build = refuse
+            return model
+
+    runner = UnitRunner(Unbuildable(rows_per_partition=128), Store(str(tmp_path / "run")), 0, num_partitions=1)
+    result = runner.run(Unit("a", 0, "train", 0, 0), ModelSpec("a", {"hidden": 4}, 1, seed=1))
+    assert result["arrival"] == "cold" and result["num_samples"] == 128 and result["metrics"]["loss"] > 0
+
+
+@pytest.mark.slow
 def test_a_state_of_another_architecture_is_refused_by_name(tmp_path):
     from cerebro_tasks.deeppostures.workload import build_model
     from cerebro_tasks.mop.checkpoint import CheckpointError, load_state, save_state
