@@ -263,7 +263,7 @@ def test_each_worker_task_got_its_own_gpu_and_pinned_it(cluster_run):
     assert sorted(a[0] for a in addresses) == ["0", "1"]  # distinct: Spark gave each task its own
     for w in workers:
         assert w["cuda_visible_devices"] == ",".join(w["gpu_addresses"])  # TF pinned to it
-        assert w["tf_gpus"] == []  # fake addresses: no CUDA device behind them, TF runs on CPU
+        assert w["backend_gpus"] == []  # fake addresses: no CUDA device behind them, TF runs on CPU
     assert len({w["pid"] for w in workers}) == 2  # two executors' Python workers, not one process
     # and both really worked: models hopped between them
     assert {r["worker_id"].split(".")[0] for r in cluster_run["records"]} == {"p0", "p1"}

@@ -17,6 +17,9 @@ Schedules: ``"lockstep"`` (default) hands results to the scheduler in the order 
 clock (mop/lockstep.py), so the same seed gives the same schedule and the same weights however
 long units really take; ``"adaptive"`` hands them on as they arrive, which never holds a worker
 back but lets timing noise change the order models visit partitions.
+
+Without Spark (``spark`` None), the W workers are processes of this machine running the same worker
+loop (mop/local_workers.py): for one box with GPUs and no cluster.
 """
 
 from __future__ import annotations
@@ -91,9 +94,14 @@ class MopDriver:
                  max_job_attempts: int = 3, start_timeout_s: float = 600.0, validate: bool = True,
                  lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
                  unit_timeout_s: float | None = None, model_cache_mb: float | None = None,
-                 keep_checkpoints: str = "needed", select: tuple[str | Sequence[str], str] | None = None) -> None:
+                 keep_checkpoints: str = "needed", select: tuple[str | Sequence[str], str] | None = None,
+                 local_gpus: Sequence[str] = ()) -> None:
         """``select``: (history key or its aliases, "min" or "max"), the metric the search selects on: the
-        checkpoint of each model's best epoch by it is kept (with ``keep_checkpoints="needed"``)."""
+        checkpoint of each model's best epoch by it is kept (with ``keep_checkpoints="needed"``).
+
+        ``spark`` None runs the W workers as processes of this machine (mop/local_workers.py), with
+        ``local_gpus`` (GPU ids) shared out among them round-robin; with Spark, each barrier task's
+        GPUs are the ones Spark assigned it."""
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         if model_cache_mb is not None and not model_cache_mb >= 0:
@@ -105,6 +113,7 @@ class MopDriver:
         self.keep_checkpoints = keep_checkpoints
         self.select = select
         self.spark = spark
+        self.local_gpus = tuple(local_gpus)
         self.workload = workload
         self.store = Store(run_url)
         self.num_workers = num_workers
@@ -199,7 +208,7 @@ class MopDriver:
     def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
         server = ControlServer()
         attempts = 0
-        job: _BarrierJob | None = None
+        job: WorkerJob | None = None
         self._t0 = time.time()
         self._notify_already_complete(on_model_done)
         try:
@@ -210,10 +219,9 @@ class MopDriver:
                                     job.error or "no error")
                     attempts += 1
                     if attempts > self.max_job_attempts:
-                        raise MopError(f"the Spark worker stage failed {self.max_job_attempts} times; "
-                                       f"last error: {job.error if job else None}")
-                    job = _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of(),
-                                      self.model_cache_mb)
+                        raise MopError(f"the {'Spark' if self.spark is not None else 'local'} worker stage failed "
+                                       f"{self.max_job_attempts} times; last error: {job.error if job else None}")
+                    job = self._start_workers(server)
                     job_started = time.time()
                 had_workers = bool(self._conns)
                 self._accept_joined(server)
@@ -255,6 +263,14 @@ class MopDriver:
                     log.warning("the MOP worker job %s had not started; Spark gives it up after its slot checks",
                                 job.group)
         return self._result()
+
+    def _start_workers(self, server: ControlServer) -> WorkerJob:
+        if self.spark is None:
+            from cerebro_tasks.mop.local_workers import LocalWorkerJob
+
+            return LocalWorkerJob(self.num_workers, server.address, server.secret, self.workload, self.store.url_of(),
+                                  self.model_cache_mb, self.local_gpus)
+        return _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of(), self.model_cache_mb)
 
     def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
         # models completed before a resume still count for a search that learns from results (TPE)
@@ -351,7 +367,7 @@ class MopDriver:
             return None  # nothing observed yet: no basis for calling anything hung
         return max(UNIT_TIMEOUT_MIN_S, UNIT_TIMEOUT_FACTOR * self._s_per_cost * self._unit_cost(unit))
 
-    def _fail_hung_units(self, job: _BarrierJob, on_model_done: ModelDoneCallback | None) -> None:
+    def _fail_hung_units(self, job: WorkerJob, on_model_done: ModelDoneCallback | None) -> None:
         now = time.time()
         for worker_id, unit in list(self._running.items()):
             limit = self._unit_limit_s(unit)
@@ -363,7 +379,7 @@ class MopDriver:
             # charges a retry (the unit may be at fault) before the worker goes, so the unit is not
             # also put back uncharged
             self._unit_failed(worker_id, unit, f"HungUnitError: unit ran {ran:.0f} s, over its limit of "
-                              f"{limit:.0f} s; its worker stage was cancelled so Spark restarts it",
+                              f"{limit:.0f} s; its worker stage was cancelled so that it starts afresh",
                               on_model_done)
             self._lose_worker(worker_id)
             job.cancel()  # a hung Python worker only goes away with its task
@@ -589,6 +605,9 @@ class _BarrierJob:
 
     def cancel(self) -> None:
         self._sc.cancelJobGroup(self.group)
+
+
+WorkerJob = Any  # _BarrierJob, or mop/local_workers.LocalWorkerJob: finished, error, join(), cancel(), group
 
 
 def _root_cause(e: BaseException) -> str:

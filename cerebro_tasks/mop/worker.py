@@ -31,10 +31,13 @@ from cerebro_tasks.storage.store import Store
 
 
 def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
-    """Pin TensorFlow to this task's GPU(s), or limit its threads to the task's cores.
+    """Pin Keras' backend to this task's GPU(s), or limit its threads to the task's cores.
 
-    Must run before TensorFlow initialises its devices: CUDA_VISIBLE_DEVICES is read once. Memory
-    growth stops one worker's TensorFlow from reserving the whole card.
+    Must run before the backend initialises its devices: CUDA_VISIBLE_DEVICES is read once. Each
+    backend is kept from reserving the whole card (TensorFlow's memory growth, JAX's preallocation
+    off; PyTorch's caching allocator grows as it goes), so workers can share one GPU. TensorFlow is
+    the project's backend; JAX and PyTorch are Keras 3's others (``KERAS_BACKEND``), which run the
+    same models on machines where TensorFlow's GPU build cannot be installed.
     """
     wanted = ",".join(gpu_addresses)
     if gpu_addresses and "tensorflow" in sys.modules and os.environ.get("CUDA_VISIBLE_DEVICES") != wanted:
@@ -48,6 +51,22 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
     else:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # read when JAX starts its GPU client
+    import keras
+
+    backend = keras.backend.backend()
+    configure = {"tensorflow": _configure_tensorflow, "jax": _configure_jax, "torch": _configure_torch}.get(backend)
+    gpus = configure(cpus) if configure else []
+    return {
+        "gpu_addresses": list(gpu_addresses),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "backend": backend,
+        "backend_gpus": gpus,
+        "cpus": cpus,
+    }
+
+
+def _configure_tensorflow(cpus: int) -> list[str]:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -62,12 +81,23 @@ def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
         except RuntimeError:
             pass
-    return {
-        "gpu_addresses": list(gpu_addresses),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "tf_gpus": [g.name for g in gpus],
-        "cpus": cpus,
-    }
+    return [g.name for g in gpus]
+
+
+def _configure_jax(cpus: int) -> list[str]:
+    import jax
+
+    # no thread limit on CPU: XLA sizes its CPU thread pool itself, with no setting once imported
+    return [str(d) for d in jax.devices() if d.platform == "gpu"]
+
+
+def _configure_torch(cpus: int) -> list[str]:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if not gpus:
+        torch.set_num_threads(max(1, cpus))
+    return gpus
 
 
 def capture_metric_states(model: Any) -> dict[str, dict[str, Any]]:
