@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13 as one prepared run: bench/mop_gpu.py on Keras' PyTorch backend (all
-# parts), then on its JAX backend (cuDNN check and MOP), each under a time limit.
+# The GPU check of issue 13 as one prepared run: bench/mop_gpu.py on Keras' PyTorch backend, then
+# on its JAX backend, each under a time limit (TORCH_PARTS / JAX_PARTS choose parts; default all).
 #
 # For a GPU machine with no package index and no TensorFlow: PyTorch or JAX come with the machine,
 # Keras and its two missing pure dependencies travel as wheels in .whl/ (fetched beforehand with
@@ -20,7 +20,7 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 { nvidia-smi -L; "$PY" --version; KERAS_BACKEND=torch "$PY" -c "import keras, numpy; print('keras', keras.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/env.log"
-KERAS_BACKEND=torch timeout "${TORCH_LIMIT_S:-330}" "$PY" bench/mop_gpu.py --out "$OUT" ${MOP_GPU_ARGS:-} 2>&1 \
+KERAS_BACKEND=torch timeout "${TORCH_LIMIT_S:-330}" "$PY" bench/mop_gpu.py --out "$OUT" --parts "${TORCH_PARTS:-device,hop_cost,mop,sequential}" ${MOP_GPU_ARGS:-} 2>&1 \
   | grep -v -i "warning" | tee "$OUT/torch.log" | tail -n 25
-KERAS_BACKEND=jax timeout "${JAX_LIMIT_S:-150}" "$PY" bench/mop_gpu.py --out "$OUT" --parts device,mop ${MOP_GPU_ARGS:-} 2>&1 \
+KERAS_BACKEND=jax timeout "${JAX_LIMIT_S:-150}" "$PY" bench/mop_gpu.py --out "$OUT" --parts "${JAX_PARTS:-device,hop_cost,mop,sequential}" ${MOP_GPU_ARGS:-} 2>&1 \
   | grep -v -i "warning" | tee "$OUT/jax.log" | tail -n 15

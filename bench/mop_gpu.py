@@ -54,22 +54,28 @@ def specs(models: int, epochs: int, amp: float) -> list[ModelSpec]:
 
 
 def count_lstm_paths() -> dict[str, int]:
-    """Counts Keras' fused LSTM calls that ran ("fused": cuDNN on a GPU) and those that fell back."""
+    """Counts the calls of Keras' fused LSTM paths (cuDNN on a GPU) that ran, and those that fell back
+    to the step-by-step loop: ``backend.bidirectional_lstm`` (JAX and PyTorch run a Bidirectional
+    LSTM as one call) and ``backend.lstm`` (one direction; TensorFlow's path)."""
     import keras.src.backend as kb
 
-    calls = {"fused": 0, "fallback": 0}
-    fused = kb.lstm
+    calls: dict[str, int] = {}
+    for name in ("lstm", "bidirectional_lstm"):
+        fused = getattr(kb, name, None)
+        if fused is None:
+            continue
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        try:
-            out = fused(*args, **kwargs)
-        except NotImplementedError:
-            calls["fallback"] += 1
-            raise
-        calls["fused"] += 1
-        return out
+        def counting(*args: Any, _fused: Callable[..., Any] = fused, _name: str = name, **kwargs: Any) -> Any:
+            try:
+                out = _fused(*args, **kwargs)
+            except NotImplementedError:
+                calls[f"{_name}_fallback"] = calls.get(f"{_name}_fallback", 0) + 1
+                raise
+            calls[f"{_name}_fused"] = calls.get(f"{_name}_fused", 0) + 1
+            return out
 
-    kb.lstm = counting  # keras/src/layers/rnn/lstm.py calls backend.lstm at each call (or trace)
+        # keras/src/layers/rnn/{lstm,bidirectional}.py call backend.<name> at each call (or trace)
+        setattr(kb, name, counting)
     return calls
 
 
@@ -109,8 +115,16 @@ def device_part(amp: float) -> dict[str, Any]:
 
         out["jax"] = jax.__version__
         out["devices"] = [str(d) for d in jax.devices()]
-    out["cudnn_lstm"] = bool(_has_gpu() and calls["fused"] and not calls["fallback"]
-                             and (backend != "torch" or out.get("rnn_kernels")))
+        # the compiled forward pass: cuDNN's RNN shows as an XLA custom call
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+        hlo = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0]).lower(trainable, frozen, inputs.x[:16]).compile().as_text()
+        out["rnn_custom_calls"] = sorted({line.split('custom_call_target="')[1].split('"')[0]
+                                          for line in hlo.splitlines() if 'custom_call_target="' in line})
+    fused = sum(n for k, n in calls.items() if k.endswith("_fused"))
+    fell_back = sum(n for k, n in calls.items() if k.endswith("_fallback"))
+    seen_on_gpu = {"torch": bool(out.get("rnn_kernels")), "jax": any("rnn" in c.lower() for c in out.get("rnn_custom_calls", []))}
+    out["cudnn_lstm"] = bool(_has_gpu() and fused and not fell_back and seen_on_gpu.get(backend, True))
     return out
 
 
