@@ -21,6 +21,6 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 { nvidia-smi -L; "$PY" --version; KERAS_BACKEND=torch "$PY" -c "import keras, numpy; print('keras', keras.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/env.log"
 KERAS_BACKEND=torch timeout "${TORCH_LIMIT_S:-330}" "$PY" bench/mop_gpu.py --out "$OUT" --parts "${TORCH_PARTS:-device,hop_cost,mop,sequential}" ${MOP_GPU_ARGS:-} 2>&1 \
-  | grep -v -i "warning" | tee "$OUT/torch.log" | tail -n 25
+  | tee "$OUT/torch.log" | tail -n 25
 KERAS_BACKEND=jax timeout "${JAX_LIMIT_S:-150}" "$PY" bench/mop_gpu.py --out "$OUT" --parts "${JAX_PARTS:-device,hop_cost,mop,sequential}" ${MOP_GPU_ARGS:-} 2>&1 \
-  | grep -v -i "warning" | tee "$OUT/jax.log" | tail -n 15
+  | tee "$OUT/jax.log" | tail -n 15

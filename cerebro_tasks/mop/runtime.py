@@ -104,6 +104,9 @@ class MopDriver:
         GPUs are the ones Spark assigned it."""
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        if isinstance(local_gpus, str) or (spark is not None and local_gpus):
+            raise MopError(f"local_gpus={local_gpus!r}: a list of GPU ids, e.g. ['0'], for local workers (spark=None); "
+                           "with Spark, each worker's GPUs are the ones Spark assigns its task")
         if model_cache_mb is not None and not model_cache_mb >= 0:
             raise MopError(f"model_cache_mb must be >= 0 (megabytes of warm models per worker), got {model_cache_mb!r}")
         if keep_checkpoints not in KEEP_CHECKPOINTS:
@@ -207,7 +210,8 @@ class MopDriver:
 
     def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
         server = ControlServer()
-        attempts = 0
+        attempts = 0  # consecutive starts of the worker stage that ran no unit
+        units_at_start = 0
         job: WorkerJob | None = None
         self._t0 = time.time()
         self._notify_already_complete(on_model_done)
@@ -217,17 +221,22 @@ class MopDriver:
                     if job is not None:
                         log.warning("worker stage ended before the search finished (%s); resubmitting",
                                     job.error or "no error")
+                        if self._units_run > units_at_start:
+                            attempts = 0  # it made progress: only failures in a row use up the attempts
                     attempts += 1
                     if attempts > self.max_job_attempts:
                         raise MopError(f"the {'Spark' if self.spark is not None else 'local'} worker stage failed "
-                                       f"{self.max_job_attempts} times; last error: {job.error if job else None}")
+                                       f"{self.max_job_attempts} times in a row (no unit finished in between); "
+                                       f"last error: {job.error if job else None}")
                     job = self._start_workers(server)
                     job_started = time.time()
+                    units_at_start = self._units_run
                 had_workers = bool(self._conns)
                 self._accept_joined(server)
                 if not self._conns and time.time() - job_started > self.start_timeout_s:
-                    raise MopError(f"no MOP worker connected within {self.start_timeout_s:.0f} s; does the cluster "
-                                   f"have {self.num_workers} free task slots (a barrier stage needs all at once)?")
+                    hint = (f"does the cluster have {self.num_workers} free task slots (a barrier stage needs all at "
+                            "once)?" if self.spark is not None else "their stderr, above, says why")
+                    raise MopError(f"no MOP worker connected within {self.start_timeout_s:.0f} s; {hint}")
                 self._dispatch()
                 self._explain_idle()
                 self._receive(timeout=0.5, on_model_done=on_model_done)
@@ -241,6 +250,8 @@ class MopDriver:
             if self._lockstep and self._units_run:
                 log.info("lockstep: %d of %d results came in before their turn and waited for it",
                          self._lockstep.held, self._units_run)
+            if job is not None:
+                job.stopping()
             for conn in self._conns.values():
                 _send_quietly(conn, Message.stop())
             if job is not None:
@@ -248,6 +259,8 @@ class MopDriver:
             for model_id in self.specs:  # the workers are gone: a late write of a stale attempt too
                 self._collect_checkpoints(model_id)
         finally:
+            if job is not None:
+                job.stopping()  # the workers end now, one way or another: not a failure to report
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
@@ -257,7 +270,7 @@ class MopDriver:
                 # stop in time) takes the barrier stage down with it: nothing of the run keeps running
                 job.cancel()
                 job.join(timeout=15)
-                if not job.finished:
+                if not job.finished and self.spark is not None:
                     # a barrier job still waiting for W free slots is not started yet, so there is
                     # nothing to cancel; Spark drops it after its slot checks (runs no task of it)
                     log.warning("the MOP worker job %s had not started; Spark gives it up after its slot checks",
@@ -600,6 +613,9 @@ class _BarrierJob:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def stopping(self) -> None:
+        """The driver is stopping the workers; Spark reports how its tasks end."""
+
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
@@ -607,7 +623,7 @@ class _BarrierJob:
         self._sc.cancelJobGroup(self.group)
 
 
-WorkerJob = Any  # _BarrierJob, or mop/local_workers.LocalWorkerJob: finished, error, join(), cancel(), group
+WorkerJob = Any  # _BarrierJob, or mop/local_workers.LocalWorkerJob: finished, error, stopping(), join(), cancel(), group
 
 
 def _root_cause(e: BaseException) -> str:

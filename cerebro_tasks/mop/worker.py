@@ -31,7 +31,8 @@ from cerebro_tasks.storage.store import Store
 
 
 def configure_devices(gpu_addresses: list[str], cpus: int) -> dict[str, Any]:
-    """Pin Keras' backend to this task's GPU(s), or limit its threads to the task's cores.
+    """Pin Keras' backend to this task's GPU(s), or limit its threads to the task's cores (TensorFlow
+    and PyTorch; XLA on CPU sizes its own thread pool).
 
     Must run before the backend initialises its devices: CUDA_VISIBLE_DEVICES is read once. Each
     backend is kept from reserving the whole card (TensorFlow's memory growth, JAX's preallocation
@@ -292,7 +293,10 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
     units = 0
     try:
         while True:
-            msg = conn.recv()
+            try:
+                msg = conn.recv()
+            except EOFError:  # the driver closed the channel (it stopped, or failed): nothing more will come
+                break
             if msg.kind == "stop":
                 break
             unit, spec = msg.payload["unit"], msg.payload["spec"]
