@@ -36,7 +36,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from _common import RESULTS, ROOT  # bench/ is this script's folder, first on sys.path
+from _common import RESULTS, ROOT, train_one_after_another  # bench/ is this script's folder, first on sys.path
 
 sys.path.insert(0, ROOT)
 
@@ -176,34 +176,12 @@ def mop_part(args: argparse.Namespace, folder: str, out_dir: str | None) -> dict
 
 
 def sequential(args: argparse.Namespace) -> dict[str, Any]:
-    """Each model alone in this process, visiting the partitions in order every epoch, validated
-    after every epoch as MOP validates it: the same work without hops or a second worker."""
-    import keras
-
+    """The same models trained one after another in this process, on the same GPU."""
     from cerebro_tasks.mop.worker import configure_devices
 
     configure_devices(["0"] if _has_gpu() else [], max(1, (os.cpu_count() or 2) // WORKERS))
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=args.sequences, batch_size=16)
-    model_specs = specs(args.models, args.epochs, args.amp)
-    data = {(k, p): workload.load_partition(k, p) for k in ("train", "val") for p in range(WORKERS)}
-    for (k, p), d in data.items():  # generate the arrays before the clock starts, as MOP's workers do
-        workload.inputs(d, model_specs[0], training=False, seed=0)
-    started = time.time()
-    out = {}
-    for spec in model_specs:
-        keras.utils.set_random_seed(spec.seed)
-        model = workload.build_model(spec)
-        for epoch in range(spec.num_epochs):
-            for p in range(WORKERS):
-                i = workload.inputs(data["train", p], spec, training=True, seed=spec.seed * 100_003 + epoch * WORKERS + p)
-                model.fit(i.x, i.y, batch_size=i.batch_size, epochs=1, shuffle=False, verbose=0)
-            losses = []
-            for p in range(WORKERS):
-                i = workload.inputs(data["val", p], spec, training=False, seed=0)
-                losses.append((model.evaluate(i.x, i.y, batch_size=i.batch_size, verbose=0, return_dict=True)["loss"],
-                               i.num_samples))
-        out[spec.model_id] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-    return {"seconds": time.time() - started, "final_val_loss": out}
+    return train_one_after_another(workload, specs(args.models, args.epochs, args.amp), WORKERS)
 
 
 def sequential_part(args: argparse.Namespace, mop: dict[str, Any] | None) -> dict[str, Any]:

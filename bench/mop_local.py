@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from _common import RESULTS, ROOT, write_results  # bench/ is this script's folder, first on sys.path
+from _common import RESULTS, ROOT, train_one_after_another, write_results  # bench/ is this script's folder, first on sys.path
 
 sys.path.insert(0, ROOT)
 
@@ -38,27 +38,6 @@ from cerebro_tasks.spark_session import get_spark  # noqa: E402
 WORKERS = 2
 
 
-def sequential(workload: SyntheticWorkload, specs: list[ModelSpec]) -> dict:
-    """Each model alone on one worker, visiting the partitions in order every epoch and validated
-    after every epoch, as MOP validates it (the same train and val work, without hops)."""
-    import keras
-
-    data = {(k, p): workload.load_partition(k, p) for k in ("train", "val") for p in range(WORKERS)}
-    started = time.time()
-    out = {}
-    for spec in specs:
-        keras.utils.set_random_seed(spec.seed)
-        model = workload.build_model(spec)
-        for epoch in range(spec.num_epochs):
-            for p in range(WORKERS):
-                inputs = workload.inputs(data["train", p], spec, training=True, seed=spec.seed * 100_003 + epoch * WORKERS + p)
-                model.fit(inputs.x, inputs.y, batch_size=inputs.batch_size, epochs=1, shuffle=False, verbose=0)
-            losses = [(model.evaluate(data["val", p]["x"], data["val", p]["y"], verbose=0, return_dict=True)["loss"],
-                       len(data["val", p]["y"])) for p in range(WORKERS)]
-        out[spec.model_id] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-    return {"seconds": time.time() - started, "final_val_loss": out}
-
-
 def setup(args: argparse.Namespace) -> tuple[SyntheticWorkload, list[ModelSpec]]:
     workload = SyntheticWorkload(rows_per_partition=args.rows, features=32, batch_size=64)
     lrs = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-2]
@@ -67,8 +46,8 @@ def setup(args: argparse.Namespace) -> tuple[SyntheticWorkload, list[ModelSpec]]
 
 
 def sequential_in_process(args: argparse.Namespace, threads: int) -> dict:
-    """`sequential` in a fresh Python whose TensorFlow uses `threads` threads, as a MOP worker with
-    that many cores does (mop/worker.py, configure_devices)."""
+    """`train_one_after_another` (bench/_common.py) in a fresh Python whose TensorFlow uses `threads`
+    threads, as a MOP worker with that many cores does (mop/worker.py, configure_devices)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sequential-threads", str(threads), "--rows", str(args.rows),
            "--models", str(args.models), "--epochs", str(args.epochs)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -87,7 +66,7 @@ def main() -> None:
         from cerebro_tasks.mop.worker import configure_devices
 
         configure_devices([], args.sequential_threads)
-        print(json.dumps(sequential(workload, specs)))
+        print(json.dumps(train_one_after_another(workload, specs, WORKERS)))
         return
     spark = get_spark("bench-mop-local", master=f"local[{WORKERS}]")
     with tempfile.TemporaryDirectory() as d:

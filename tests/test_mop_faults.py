@@ -11,16 +11,15 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
-from pyspark import cloudpickle  # the copy Spark pickles tasks with
 
 from cerebro_tasks.mop.journal import Journal
 from cerebro_tasks.mop.runtime import MopDriver
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
 from cerebro_tasks.storage.store import Store
+from tests.support.workloads import HangOnceWorkload
 
 pytestmark = pytest.mark.slow
 
@@ -104,23 +103,6 @@ def test_driver_killed_then_resubmitted_resumes(tmp_path):
     # only the units not yet on record were run again (at most W were in flight at the kill)
     assert result["units_run"] == TOTAL_UNITS - done_before
     assert all(len(v) == EPOCHS for h in result["histories"].values() for v in h.values())
-
-
-# the workers cannot import this test module: ship its classes by value
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@dataclass(frozen=True)
-class HangOnceWorkload(SyntheticWorkload):
-    """m1's first train unit hangs (a deadlocked input pipeline, say); its re-run does not."""
-
-    marker: str = ""
-
-    def inputs(self, data, spec, *, training, seed):
-        if training and spec.model_id == "m1" and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            time.sleep(3600)
-        return super().inputs(data, spec, training=training, seed=seed)
 
 
 def test_hung_unit_is_failed_and_its_worker_restarted(spark, tmp_path):

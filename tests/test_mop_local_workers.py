@@ -24,6 +24,7 @@ import pytest
 from cerebro_tasks.mop.runtime import MopDriver, MopError, run_mop
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
+from tests.support.workloads import HangOnceWorkload
 
 pytestmark = pytest.mark.slow
 
@@ -147,19 +148,6 @@ def test_workers_that_keep_ending_fail_the_run_naming_the_partition_and_leave_no
     assert time.time() - started < 300
     assert driver._worker_info and all(gone(w["pid"]) for w in driver._worker_info.values())
     assert not local_workers_of(os.getpid())
-
-
-@dataclass(frozen=True)
-class HangOnceWorkload(SyntheticWorkload):
-    """m1's first train unit hangs (a deadlocked input pipeline, say); its re-run does not."""
-
-    marker: str = ""
-
-    def inputs(self, data, spec, *, training, seed):
-        if training and spec.model_id == "m1" and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            time.sleep(3600)
-        return super().inputs(data, spec, training=training, seed=seed)
 
 
 def test_a_hung_unit_cancels_the_local_workers_and_the_search_completes(tmp_path):
