@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 
@@ -19,7 +18,7 @@ from cerebro_tasks.mop.runtime import MopDriver
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
 from cerebro_tasks.storage.store import Store
-from tests.support.workloads import HangOnceWorkload
+from tests.support.faults import HangOnceWorkload, run_killing_one_worker_mid_unit
 
 pytestmark = pytest.mark.slow
 
@@ -42,24 +41,7 @@ def test_worker_killed_mid_unit(spark, tmp_path):
     driver = MopDriver(spark, WORKLOAD, str(tmp_path / "run"), num_workers=WORKERS, seed=3)
     for s in specs():
         driver.add(s)
-    killed: list[int] = []
-
-    def kill_one_worker_mid_unit() -> None:
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            running = dict(driver._running)  # worker id -> unit in flight
-            if len(driver._records) >= 2 and running:
-                worker_id = sorted(running)[0]
-                pid = driver._worker_info[worker_id]["pid"]
-                time.sleep(0.3)  # well inside a ~1 s unit
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_worker_mid_unit, daemon=True)
-    killer.start()
-    result = driver.run()
-    killer.join(5)
+    result, killed = run_killing_one_worker_mid_unit(driver)
     assert killed, "the test never found a unit in flight to interrupt"
     assert_each_unit_once(result.records)
     assert_each_unit_once(Journal(Store(str(tmp_path / "run"))).records())

@@ -9,7 +9,6 @@ a driver that is killed must take its workers with it: no process left behind on
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ import pytest
 from cerebro_tasks.mop.runtime import MopDriver, MopError, run_mop
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
-from tests.support.workloads import HangOnceWorkload
+from tests.support.faults import HangOnceWorkload, run_killing_one_worker_mid_unit
 
 pytestmark = pytest.mark.slow
 
@@ -88,23 +87,7 @@ def test_a_worker_process_killed_mid_unit_restarts_the_stage_and_nothing_runs_tw
     driver = MopDriver(None, workload, str(tmp_path / "run"), num_workers=WORKERS, seed=3, local_gpus=["0", "1"])
     for s in specs():
         driver.add(s)
-    killed: list[int] = []
-
-    def kill_one_worker_mid_unit() -> None:
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            running = dict(driver._running)
-            if len(driver._records) >= 2 and running:
-                pid = driver._worker_info[sorted(running)[0]]["pid"]
-                time.sleep(0.3)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_worker_mid_unit, daemon=True)
-    killer.start()
-    result = driver.run()
-    killer.join(5)
+    result, killed = run_killing_one_worker_mid_unit(driver)
     assert killed, "the test never found a unit in flight to interrupt"
     assert each_unit_once(result.records, 2, 2) and result.units_run == len(result.records)
     pids = {w["pid"] for w in result.workers}
