@@ -170,7 +170,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     """A standalone master + 2 workers with 1 core, 1 fake GPU ("0" and "1") each; stopped after."""
-    from tests.support.cluster import standalone_cluster
+    from tests.support.cluster import group_alive, standalone_cluster
 
     started = time.time()
     with standalone_cluster(workers=NUM_WORKERS, cores_per_worker=1, memory_per_worker="1g",
@@ -179,24 +179,7 @@ def cluster():
         groups = [d.proc.pid for d in c._daemons]
         yield c
     # every process the cluster started is gone: daemons, executors, their Python workers
-    assert not [g for g in groups if _group_alive(g)], "cluster processes survived the cluster"
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is left in process group `pgid` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "(command name)"
-        except OSError:
-            continue
-        # fields[0] = state, fields[2] = process group. Zombies are dead: their parent (here maybe a
-        # PID 1 that does not reap) only has not collected them yet.
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    assert not [g for g in groups if group_alive(g)], "cluster processes survived the cluster"
 
 
 def test_cluster_stops_whatever_happens(monkeypatch, tmp_path):
@@ -215,7 +198,7 @@ def test_cluster_stops_whatever_happens(monkeypatch, tmp_path):
     with pytest.raises(cl.ClusterError, match="did not register"):
         with cl.standalone_cluster(workers=1, start_timeout_s=0.5, work_dir=str(tmp_path)):
             pass  # pragma: no cover
-    assert len(spawned) == 2 and not [g for g in spawned if _group_alive(g)]
+    assert len(spawned) == 2 and not [g for g in spawned if cl.group_alive(g)]
     assert os.path.exists(tmp_path / "logs" / "master.log")  # a given work_dir is kept, logs and all
 
 

@@ -360,9 +360,31 @@ def _stopper(daemons: list[_Daemon]):
                 d.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # a killed JVM takes a moment to be torn down (longer on a loaded machine): stop returns
+        # when nothing of any group is left running
+        deadline = time.time() + 10
+        while time.time() < deadline and any(group_alive(d.proc.pid) for d in daemons):
+            time.sleep(0.05)
         daemons.clear()
 
     return stop
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in process group `pgid` (Linux /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(command name)"
+        except OSError:
+            continue
+        # fields[0] = state, fields[2] = process group. Zombies are dead: their parent (here maybe a
+        # PID 1 that does not reap) only has not collected them yet.
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
