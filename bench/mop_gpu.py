@@ -112,7 +112,8 @@ def device_part(amp: float) -> dict[str, Any]:
                 out["profiler_error"] = repr(e)[:500]
                 names = []
             out["cuda_kernels"] = len(names)
-            out["rnn_kernels"] = [n for n in names if any(k in n.lower() for k in ("rnn", "lstm", "cudnn"))][:20]
+            # cuDNN's RNN kernels by name (its convolutions' "..._cudnn" kernels do not count)
+            out["rnn_kernels"] = [n for n in names if any(k in n.lower() for k in ("rnn", "lstm"))][:20]
     elif backend == "jax":
         import jax
 
@@ -121,12 +122,14 @@ def device_part(amp: float) -> dict[str, Any]:
         # the compiled forward pass: cuDNN's RNN shows as an XLA custom call
         trainable = [v.value for v in model.trainable_variables]
         frozen = [v.value for v in model.non_trainable_variables]
-        hlo = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0]).lower(trainable, frozen, inputs.x[:16]).compile().as_text()
+        forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
+        hlo = forward.lower(trainable, frozen, inputs.x[:16]).compile().as_text()
         out["rnn_custom_calls"] = sorted({line.split('custom_call_target="')[1].split('"')[0]
                                           for line in hlo.splitlines() if 'custom_call_target="' in line})
     fused = sum(n for k, n in calls.items() if k.endswith("_fused"))
     fell_back = sum(n for k, n in calls.items() if k.endswith("_fallback"))
-    seen_on_gpu = {"torch": bool(out.get("rnn_kernels")), "jax": any("rnn" in c.lower() for c in out.get("rnn_custom_calls", []))}
+    seen_on_gpu = {"torch": bool(out.get("rnn_kernels")),
+                   "jax": any("rnn" in c.lower() for c in out.get("rnn_custom_calls", []))}
     out["cudnn_lstm"] = bool(_has_gpu() and fused and not fell_back and seen_on_gpu.get(backend, True))
     return out
 
