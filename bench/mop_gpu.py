@@ -25,6 +25,7 @@ Writes bench/results/mop_gpu_<backend>.json (and DIR/, with the timeline plot, w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -242,6 +243,7 @@ def _smi(args: list[str]) -> str | None:
         return None
 
 
+@functools.cache
 def _has_gpu() -> bool:
     return _smi(["-L"]) is not None
 

@@ -24,6 +24,7 @@ from cerebro_tasks.mop.runtime import MopDriver, MopError, run_mop
 from cerebro_tasks.mop.synthetic_workload import SyntheticWorkload
 from cerebro_tasks.mop.workload import ModelSpec
 from tests.support.faults import HangOnceWorkload, run_killing_one_worker_mid_unit
+from tests.support.procs import live_processes, running
 
 pytestmark = pytest.mark.slow
 
@@ -41,29 +42,12 @@ def each_unit_once(records: list[dict], n_models: int, epochs: int) -> bool:
 
 def gone(pid: int) -> bool:
     """No such process running any more (a zombie left for a parent to reap counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return not running(pid)
 
 
 def local_workers_of(parent: int) -> list[int]:
     """The running local worker processes whose parent is `parent`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-        if ppid == parent and b"cerebro_tasks.mop.local_workers" in cmdline and not gone(int(entry)):
-            found.append(int(entry))
-    return found
+    return [p.pid for p in live_processes() if p.ppid == parent and b"cerebro_tasks.mop.local_workers" in p.cmdline]
 
 
 def test_local_workers_train_exactly_as_spark_workers(spark, tmp_path):

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from tests.support.procs import live_processes
+
 __all__ = ["ClusterError", "StandaloneCluster", "standalone_cluster", "spark_home", "FAKE_GPU_ENV"]
 
 # The variable scripts/fake-gpu-discovery reads: comma-separated addresses, e.g. "0,1".
@@ -372,19 +374,7 @@ def _stopper(daemons: list[_Daemon]):
 
 def group_alive(pgid: int) -> bool:
     """Whether a live (not zombie) process is left in process group `pgid` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "(command name)"
-        except OSError:
-            continue
-        # fields[0] = state, fields[2] = process group. Zombies are dead: their parent (here maybe a
-        # PID 1 that does not reap) only has not collected them yet.
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    return any(p.pgid == pgid for p in live_processes())
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
