@@ -7,8 +7,9 @@ Keras's own ``.keras`` file costs several times more to write and read because o
 HDF5 inside a zip. A worker that already holds the model's graph built, compiled and traced
 (mop/model_cache.py) reads the state into it; one that meets the graph for the first time builds
 the model with the workload's ``build_model`` and then reads the state. The whole ``.keras`` model is
-written at the end of every epoch (``ckpt-<step>.keras``), where results, the export and early
-stopping read it. Names come from storage/layout.py; every file is published atomically.
+written at the end of every epoch (``ckpt-<step>.keras``), where results and the export read it;
+no unit reads it, so a worker writes it behind its next unit (mop/worker.py). Names come from
+storage/layout.py; every file is published atomically.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ def decode_into(model: Any, data: bytes, where: str) -> None:
         v.assign(a)
 
 
-def save_state(store: Store, model: Any, model_id: str, step: int, attempt: str | None = None) -> None:
+def save_state(store: Store, model: Any, model_id: str, step: int, attempt: str | None = None) -> bytes:
     """Write ``ckpt-<step>.state`` of `model_id` atomically (``ckpt-<step>.<attempt>.state`` for one
-    dispatch of a unit, which the driver renames once it accepts the unit)."""
-    store.write_bytes(encode_state(model), *state_name(model_id, step, attempt))
+    dispatch of a unit, which the driver renames once it accepts the unit); returns what it wrote."""
+    data = encode_state(model)
+    store.write_bytes(data, *state_name(model_id, step, attempt))
+    return data
 
 
 def load_state(store: Store, model: Any, model_id: str, step: int) -> None:
@@ -113,9 +116,14 @@ def save_checkpoint(store: Store, model: Any, model_id: str, step: int, attempt:
     if store.is_local:
         final = store.path(*parts)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.getpid()}-{os.path.basename(final)}")
-        model.save(tmp)
-        os.replace(tmp, final)  # atomic: a reader sees the old state or the whole new file
+        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.getpid()}-{os.path.basename(final)}")  # layout.PARTIAL
+        try:
+            model.save(tmp)
+            os.replace(tmp, final)  # atomic: a reader sees the old state or the whole new file
+        except BaseException:
+            if os.path.exists(tmp):  # a save that failed half-way leaves nothing behind
+                os.remove(tmp)
+            raise
         return
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, parts[-1])

@@ -38,7 +38,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 @dataclass
 class Message:
-    kind: str  # hello | unit | done | failed | fatal | stop
+    kind: str  # hello | unit | done | failed | fatal | stop | whole | saved
     payload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -65,6 +65,19 @@ class Message:
     @classmethod
     def stop(cls) -> "Message":
         return cls("stop")
+
+    @classmethod
+    def whole(cls, model_id: str, step: int, spec: Any, attempt: str) -> "Message":
+        # driver -> worker: write this model's whole checkpoint at `step` from its committed state
+        # (its first writer was lost before it wrote it; mop/worker.py, writes behind)
+        return cls("whole", {"model_id": model_id, "step": step, "spec": spec, "attempt": attempt})
+
+    @classmethod
+    def saved(cls, model_id: str, step: int, attempt: str | None, seconds: float, error: str | None = None) -> "Message":
+        # worker -> driver: a whole checkpoint written behind is in place under `attempt` (or, with
+        # `error`, could not be written)
+        return cls("saved", {"model_id": model_id, "step": step, "attempt": attempt, "seconds": seconds,
+                             "error": error})
 
 
 def _spark_conf(key: str) -> str | None:

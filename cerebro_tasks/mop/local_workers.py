@@ -26,9 +26,12 @@ import sys
 import threading
 import time
 import uuid
-from typing import IO, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import cloudpickle
+
+if TYPE_CHECKING:  # the worker module is imported in the children, where it serves
+    from cerebro_tasks.mop.worker import WorkerSettings
 
 log = logging.getLogger("cerebro_tasks.mop")
 
@@ -58,7 +61,7 @@ class LocalWorkerJob:
     """W worker processes, started at once; ``finished`` once all have exited or one has ended early."""
 
     def __init__(self, num_workers: int, address: tuple[str, int], secret: bytes, workload: Any, run_url: str,
-                 model_cache_mb: float | None = None, gpus: Sequence[str] = ()) -> None:
+                 settings: WorkerSettings | None = None, gpus: Sequence[str] = ()) -> None:
         """``gpus``: CUDA device ids of this machine (as nvidia-smi numbers them), handed out to the
         workers round-robin (two workers and one id share that GPU); none: the workers run on CPU,
         with this machine's cores split between them."""
@@ -77,7 +80,7 @@ class LocalWorkerJob:
                 assigned = [str(gpus[partition % len(gpus)])] if gpus else []
                 try:
                     args = cloudpickle.dumps((address, secret, workload, run_url, partition, assigned, cpus,
-                                              model_cache_mb, num_workers))
+                                              settings, num_workers))
                 except Exception as e:
                     from cerebro_tasks.mop.runtime import MopError
 
@@ -186,10 +189,10 @@ def main() -> None:
     """One worker process (after _BOOTSTRAP): its arguments come pickled on stdin, then it serves
     units until told to stop, or until its driver is gone."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    address, secret, workload, run_url, partition, gpus, cpus, model_cache_mb, num_workers = cloudpickle.load(
+    address, secret, workload, run_url, partition, gpus, cpus, settings, num_workers = cloudpickle.load(
         sys.stdin.buffer)
     threading.Thread(target=_exit_when_the_driver_is_gone, args=(sys.stdin.fileno(),), name="driver-watch",
                      daemon=True).start()
-    from cerebro_tasks.mop.worker import serve
+    from cerebro_tasks.mop.worker import WorkerSettings, serve
 
-    serve(address, secret, workload, run_url, partition, gpus, cpus, model_cache_mb, num_workers)
+    serve(address, secret, workload, run_url, partition, gpus, cpus, settings or WorkerSettings(), num_workers)

@@ -18,6 +18,12 @@ clock (mop/lockstep.py), so the same seed gives the same schedule and the same w
 long units really take; ``"adaptive"`` hands them on as they arrive, which never holds a worker
 back but lets timing noise change the order models visit partitions.
 
+Whole models written behind (mop/worker.py): a unit is accepted once its hop state is committed;
+the epoch's ``.keras`` it leaves comes later (a ``saved`` message) and is published then. Until
+then the model's state at that step is kept, so that if its writer is lost another worker writes
+it from there, and the run ends only when every wanted whole model is in place. Those messages
+are not unit events: lockstep's schedule does not see them.
+
 Without Spark (``spark`` None), the W workers are processes of this machine running the same worker
 loop (mop/local_workers.py): for one box with GPUs and no cluster.
 """
@@ -38,7 +44,7 @@ from cerebro_tasks.mop.journal import Journal, histories, resume_order
 from cerebro_tasks.mop.lockstep import Lockstep
 from cerebro_tasks.mop.scheduler import VAL_COST_PRIOR, HopScheduler, Unit
 from cerebro_tasks.mop.timeline import timeline_figures
-from cerebro_tasks.mop.worker import barrier_task
+from cerebro_tasks.mop.worker import WorkerSettings, barrier_task
 from cerebro_tasks.mop.workload import ModelSpec, Workload
 from cerebro_tasks.storage.store import Store
 from cerebro_tasks.storage import layout
@@ -65,6 +71,8 @@ LOCK_HEARTBEAT_S = 30.0
 # "needed": delete checkpoints nothing can read any more (see MopDriver._collect_checkpoints);
 # "all": keep every checkpoint every accepted train unit wrote
 KEEP_CHECKPOINTS = ("needed", "all")
+# a whole checkpoint written behind that fails this many times in a row fails its model
+MAX_WHOLE_TRIES = 3
 
 
 class MopError(RuntimeError):
@@ -87,6 +95,17 @@ class MopResult:
     failures: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
+@dataclass
+class _Behind:
+    """A whole checkpoint being written behind: by which worker under which attempt (both None
+    while no live worker has been asked), since when, and how many tries failed."""
+
+    worker_id: str | None
+    attempt: str | None
+    since: float
+    tries: int = 0
+
+
 class MopDriver:
     """Trains every added model with MOP over `num_workers` partitions; `run()` blocks until done."""
 
@@ -95,13 +114,16 @@ class MopDriver:
                  lock_wait_s: float = 4 * LOCK_HEARTBEAT_S, schedule: str = "lockstep",
                  unit_timeout_s: float | None = None, model_cache_mb: float | None = None,
                  keep_checkpoints: str = "needed", select: tuple[str | Sequence[str], str] | None = None,
-                 local_gpus: Sequence[str] = ()) -> None:
+                 local_gpus: Sequence[str] = (), write_behind: bool = True) -> None:
         """``select``: (history key or its aliases, "min" or "max"), the metric the search selects on: the
         checkpoint of each model's best epoch by it is kept (with ``keep_checkpoints="needed"``).
 
         ``spark`` None runs the W workers as processes of this machine (mop/local_workers.py), with
         ``local_gpus`` (GPU ids) shared out among them round-robin; with Spark, each barrier task's
-        GPUs are the ones Spark assigned it."""
+        GPUs are the ones Spark assigned it.
+
+        ``write_behind``: workers write each epoch's whole model while they wait for their next unit
+        (the module docstring); False writes it within the unit, as a bench's baseline."""
         if schedule not in SCHEDULES:
             raise MopError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         if isinstance(local_gpus, str) or (spark is not None and local_gpus):
@@ -125,7 +147,8 @@ class MopDriver:
         self.start_timeout_s = start_timeout_s
         self.lock_wait_s = lock_wait_s
         self.unit_timeout_s = unit_timeout_s  # None: from observed durations (see UNIT_TIMEOUT_FACTOR)
-        self.model_cache_mb = model_cache_mb  # None: each worker derives it (mop/model_cache.py)
+        # model_cache_mb None: each worker derives its budget (mop/model_cache.py)
+        self.worker_settings = WorkerSettings(model_cache_mb, write_behind)
         self.journal = Journal(self.store)
         self.scheduler = HopScheduler(num_workers, seed=seed, validate=validate)
         self.schedule = schedule
@@ -152,6 +175,13 @@ class MopDriver:
         # epochs whose training waits for the previous epoch's validation (early stopping decides there)
         self.epoch_gates: tuple[int, ...] = ()
         self._errors: dict[str, list[str]] = {}  # model -> the tracebacks of its failed units, oldest first
+        # (model, step) -> its whole checkpoint being written behind (see the module docstring)
+        self._behind: dict[tuple[str, int], _Behind] = {}
+        self._behind_written = [0, 0.0]  # whole checkpoints written behind: how many, worker seconds
+        self._heard: dict[str, float] = {}  # worker -> when it last sent anything
+        # attempt -> (worker, its report): written behind a unit whose result lockstep still holds
+        self._saved_early: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._slowest_s = 0.0  # the longest unit seen (how long a write behind may take)
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -191,7 +221,29 @@ class MopDriver:
                 self.scheduler.restore_finished(unit)
         if self._records:
             log.info("resuming %s: %d units already done (journal)", self.store.url, len(self._records))
+        self._find_missing_wholes()
         return len(self._records)
+
+    def _find_missing_wholes(self) -> None:
+        """Whole checkpoints an earlier attempt accepted but did not see written (it stopped while
+        they were behind): each is written again from its model's state, kept for that."""
+        P = self.num_workers
+        lost = []
+        for model_id in self.specs:
+            wanted = self._wanted(model_id)
+            step = self.scheduler.model_status(model_id).step
+            for s in range(P, step + 1, P):
+                if ((wanted is None or s in wanted["keras"]) and not self.store.exists(*checkpoint_name(model_id, s))
+                        and (model_id, s) not in self._behind):
+                    if self.store.exists(*state_name(model_id, s)):
+                        self._behind[(model_id, s)] = _Behind(None, None, time.time())
+                    else:  # deleted by an earlier attempt that kept fewer (keep_checkpoints)
+                        lost.append(f"{model_id} step {s}")
+        if self._behind:
+            log.info("resuming %s: %d whole checkpoints to write from their states", self.store.url, len(self._behind))
+        if lost:
+            log.warning("%s: %d whole checkpoints are missing and so are their states, so they cannot be written "
+                        "again: %s", self.store.url, len(lost), ", ".join(lost[:10]) + (" ..." if len(lost) > 10 else ""))
 
     # running -------------------------------------------------------------------------------------
     def run(self, on_model_done: ModelDoneCallback | None = None, on_epoch: EpochCallback | None = None) -> MopResult:
@@ -216,7 +268,7 @@ class MopDriver:
         self._t0 = time.time()
         self._notify_already_complete(on_model_done)
         try:
-            while not self.scheduler.done:
+            while not self.scheduler.done or self._behind:
                 if job is None or (job.finished and not self._conns):
                     if job is not None:
                         log.warning("worker stage ended before the search finished (%s); resubmitting",
@@ -233,6 +285,7 @@ class MopDriver:
                     units_at_start = self._units_run
                 had_workers = bool(self._conns)
                 self._accept_joined(server)
+                self._ask_behind()
                 if not self._conns and time.time() - job_started > self.start_timeout_s:
                     hint = (f"does the cluster have {self.num_workers} free task slots (a barrier stage needs all at "
                             "once)?" if self.spark is not None else "their stderr, above, says why")
@@ -241,6 +294,7 @@ class MopDriver:
                 self._explain_idle()
                 self._receive(timeout=0.5, on_model_done=on_model_done)
                 self._fail_hung_units(job, on_model_done)
+                self._fail_hung_writes(job)
                 # A failed unit, a lost or superseded worker, a hung unit: each removes a unit that
                 # lockstep may have been holding results behind. Release what is now in turn, every
                 # pass, so no path that removes work leaves results (and their workers) waiting.
@@ -282,8 +336,9 @@ class MopDriver:
             from cerebro_tasks.mop.local_workers import LocalWorkerJob
 
             return LocalWorkerJob(self.num_workers, server.address, server.secret, self.workload, self.store.url_of(),
-                                  self.model_cache_mb, self.local_gpus)
-        return _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of(), self.model_cache_mb)
+                                  self.worker_settings, self.local_gpus)
+        return _BarrierJob(self.spark, self.num_workers, server, self.workload, self.store.url_of(),
+                           self.worker_settings)
 
     def _notify_already_complete(self, on_model_done: ModelDoneCallback | None) -> None:
         # models completed before a resume still count for a search that learns from results (TPE)
@@ -359,6 +414,10 @@ class MopDriver:
             except (EOFError, OSError):
                 self._lose_worker(worker_id)
                 continue
+            self._heard[worker_id] = time.time()
+            if msg.kind == "saved":  # a whole checkpoint written behind: not a unit event
+                self._whole_saved(worker_id, msg.payload, on_model_done)
+                continue
             unit = msg.payload["unit"]
             self._running.pop(worker_id, None)
             if msg.kind == "done" and self._lockstep:
@@ -415,18 +474,90 @@ class MopDriver:
         """Charge a failed attempt to its unit; keep the traceback in the run folder."""
         self._attempts.pop(worker_id, None)
         again = self.scheduler.unit_failed(worker_id, unit)
-        tries = self._errors.setdefault(unit.model_id, [])
-        tries.append(f"--- {unit} on worker {worker_id}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
-                     f"{error.rstrip()}\n")
-        try:
-            self.store.write_bytes("\n".join(tries).encode(), *layout.error_name(unit.model_id))
-        except OSError as e:  # the log below still has it
-            log.warning("could not write the traceback of %s: %s", unit, e)
+        self._record_error(unit.model_id, f"{unit} on worker {worker_id}", error)
         log.error("unit %s failed on %s (%s): %s; full traceback in %s", unit, worker_id,
                   "it will run again" if again else f"model {unit.model_id} is given up", error_line(error),
                   self.store.url_of(*layout.error_name(unit.model_id)))
         log.debug("traceback of %s:\n%s", unit, error)
         self._check_model(unit.model_id, on_model_done)
+
+    def _record_error(self, model_id: str, what: str, error: str) -> None:
+        """Keep a failed attempt's traceback in the model's error file (every attempt, oldest first)."""
+        tries = self._errors.setdefault(model_id, [])
+        tries.append(f"--- {what}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{error.rstrip()}\n")
+        try:
+            self.store.write_bytes("\n".join(tries).encode(), *layout.error_name(model_id))
+        except OSError as e:  # the log still has it
+            log.warning("could not write the traceback of %s: %s", what, e)
+
+    def _whole_saved(self, worker_id: str, report: dict[str, Any], on_model_done: ModelDoneCallback | None) -> None:
+        """A worker wrote (or could not write) a whole checkpoint behind: publish it, or ask again."""
+        model_id, step = report["model_id"], report["step"]
+        if self._attempts.get(worker_id) == report["attempt"]:
+            # written behind the unit the worker last reported, whose result lockstep still holds:
+            # published once the unit is accepted (_unit_done)
+            self._saved_early[report["attempt"]] = (worker_id, report)
+            return
+        entry = self._behind.get((model_id, step))
+        if entry is None or entry.attempt != report["attempt"]:
+            return  # no longer wanted, or asked again of another worker: the collection takes its file
+        if report["error"] is None:
+            try:
+                self.store.move(checkpoint_name(model_id, step, entry.attempt), checkpoint_name(model_id, step))
+            except OSError as e:
+                report = {**report, "error": f"the worker reported it written, but: {type(e).__name__}: {e}"}
+            else:
+                del self._behind[(model_id, step)]
+                self._behind_written[0] += 1
+                self._behind_written[1] += report["seconds"]
+                self._collect_checkpoints(model_id)
+                return
+        entry.tries += 1
+        entry.worker_id = entry.attempt = None  # asked again: of whichever worker is least busy
+        url = self.store.url_of(*checkpoint_name(model_id, step))
+        self._record_error(model_id, f"writing {url} on worker {worker_id}", report["error"])
+        if entry.tries < MAX_WHOLE_TRIES:
+            log.warning("could not write %s on worker %s (%s); it will be written again from the model's state",
+                        url, worker_id, error_line(report["error"]))
+            return
+        del self._behind[(model_id, step)]
+        log.error("could not write %s %d times (%s): model %s is given up; full traceback in %s", url,
+                  MAX_WHOLE_TRIES, error_line(report["error"]), model_id, self.store.url_of(*layout.error_name(model_id)))
+        self.scheduler.fail_model(model_id)
+        self._check_model(model_id, on_model_done)
+
+    def _ask_behind(self) -> None:
+        """Ask a live worker for each whole checkpoint whose writer was lost (or failed)."""
+        if not self._conns:
+            return
+        for (model_id, step), entry in sorted(self._behind.items()):
+            if entry.worker_id is not None:
+                continue
+            load = {w: 0 for w in self._conns}
+            for e in self._behind.values():
+                if e.worker_id in load:
+                    load[e.worker_id] += 1
+            worker_id = min(sorted(load), key=load.__getitem__)
+            entry.worker_id, entry.attempt, entry.since = worker_id, uuid.uuid4().hex[:12], time.time()
+            msg = Message.whole(model_id, step, self.specs[model_id], entry.attempt)
+            if not _send_quietly(self._conns[worker_id], msg):
+                self._lose_worker(worker_id)
+                return  # its entries are unasked again; the next pass asks the others
+
+    def _fail_hung_writes(self, job: WorkerJob) -> None:
+        """A worker that runs no unit and has said nothing for longer than a unit may take, while a
+        whole checkpoint of it is outstanding, hangs in that write: its stage starts afresh."""
+        limit = self.unit_timeout_s or max(UNIT_TIMEOUT_MIN_S, UNIT_TIMEOUT_FACTOR * self._slowest_s)
+        now = time.time()
+        for (model_id, step), entry in list(self._behind.items()):
+            w = entry.worker_id
+            if w is None or w not in self._conns or w in self._running:
+                continue
+            if now - max(entry.since, self._heard.get(w, 0.0)) > limit:
+                log.error("worker %s has not written the whole checkpoint of %s at step %d within %.0f s; its worker "
+                          "stage is cancelled so that it starts afresh", w, model_id, step, limit)
+                self._lose_worker(w)
+                job.cancel()
 
     def _unit_done(self, worker_id: str, unit: Unit, result: dict[str, Any], duration: float,
                    on_model_done: ModelDoneCallback | None) -> None:
@@ -437,17 +568,21 @@ class MopDriver:
                            f"but was sent attempt {attempt!r} (run {self.store.url})")
         if unit.kind == "train":
             # the accepted attempt becomes the model's checkpoint; any other attempt never does. A
-            # train unit writes its state, and at an epoch's end the whole model too (mop/checkpoint.py)
-            self.store.move(state_name(unit.model_id, unit.step + 1, attempt), state_name(unit.model_id, unit.step + 1))
-            whole = checkpoint_name(unit.model_id, unit.step + 1, attempt)
-            if self.store.exists(*whole):
-                self.store.move(whole, checkpoint_name(unit.model_id, unit.step + 1))
+            # train unit writes its state, and at an epoch's end the whole model too (mop/checkpoint.py),
+            # with it or behind it
+            step = unit.step + 1
+            self.store.move(state_name(unit.model_id, step, attempt), state_name(unit.model_id, step))
+            if result.get("whole") == "behind":
+                self._behind[(unit.model_id, step)] = _Behind(worker_id, attempt, time.time())
+            elif self.store.exists(*checkpoint_name(unit.model_id, step, attempt)):
+                self.store.move(checkpoint_name(unit.model_id, step, attempt), checkpoint_name(unit.model_id, step))
         self.journal.record(unit, result)  # journal first: a unit is done once it is on record
         record = {"unit": asdict(unit), **result}
         self._records.append(record)
         self._by_model.setdefault(unit.model_id, []).append(record)
         self._units_run += 1
         self._s_per_cost = max(self._s_per_cost, (result["end"] - result["start"]) / self._unit_cost(unit))
+        self._slowest_s = max(self._slowest_s, result["end"] - result["start"])
         self.scheduler.unit_finished(worker_id, unit, duration=duration)
         self._log_progress(unit, result)
         status = self.scheduler.model_status(unit.model_id)
@@ -458,6 +593,9 @@ class MopDriver:
         self._check_model(unit.model_id, on_model_done)
         while self._stopped_now:  # other models a decision stopped: their workers are free now
             self._check_model(self._stopped_now.pop(0), on_model_done)
+        early = self._saved_early.pop(attempt, None) if attempt is not None else None
+        if early is not None:  # its whole model was written while lockstep held the result
+            self._whole_saved(*early, on_model_done)
         self._collect_checkpoints(unit.model_id)
 
     def _epoch_closed(self, status: Any, epoch: int) -> bool:
@@ -476,39 +614,58 @@ class MopDriver:
 
         A step has a hop state (``.state``, what units read) and, at an epoch's end, the whole
         model (``.keras``, what results and the export read). Kept states: the newest while the
-        model still trains (the next train unit reads it; a lost unit re-runs from it) and each
-        epoch's last while that epoch's validation is not complete (val units read it). Kept whole
-        models: the newest, the final one and the best epoch's by ``select``. Attempt files of
+        model still trains (the next train unit reads it; a lost unit re-runs from it), each
+        epoch's last while that epoch's validation is not complete (val units read it), and that of
+        a kept whole model still being written behind (what it is written again from). Kept whole
+        models: the newest, the final one and, with ``select``, the best epoch's and those of epochs
+        not yet validated (each may turn out the best). Attempt files of
         dispatches the driver gave up on are deleted too (a stale worker may still write one
         later; the next pass takes it). Safe at any time: a train unit only ever reads its model's
         newest state, a val unit only its epoch's last, so nothing in flight reads what goes.
         """
-        status = self.scheduler.model_status(model_id)
-        P = self.num_workers
-        keep: dict[str, set[int]] | None = None
-        if self.keep_checkpoints != "all":
-            validated = set(status.validated_epochs)
-            pending = {(e + 1) * P for e in range(status.epochs_trained)
-                       if self.scheduler.validate and e not in validated}
-            live = status.state not in ("done", "stopped", "failed")
-            keep = {"state": pending | ({status.step} if live else set()),
-                    "keras": {status.step, status.num_epochs * P}}
-            best = self._best_epoch(model_id)
-            if best is not None:
-                keep["keras"].add((best + 1) * P)
-        in_flight = set(self._attempts.values())
+        keep = self._wanted(model_id)
+        if keep is not None:
+            for key in [k for k in self._behind if k[0] == model_id]:
+                if key[1] in keep["keras"]:
+                    keep["state"].add(key[1])  # what it is written from, should its writer be lost
+                else:
+                    del self._behind[key]  # nothing will read it: its write, when it comes, is dropped
+        in_flight = set(self._attempts.values()) | {e.attempt for e in self._behind.values()}
         for name in self.store.listdir(layout.MODELS_DIR, model_id):
-            parsed = layout.parse_checkpoint(name)
+            partial = layout.partial_of(name)
+            parsed = layout.parse_checkpoint(name if partial is None else partial)
             if parsed is None:
                 continue
             step, attempt = parsed
             kind = name.rsplit(".", 1)[-1]
-            if (attempt is None and keep is not None and step not in keep[kind]) or (
-                    attempt is not None and attempt not in in_flight):
+            if attempt is not None:  # (a partial one too: a writer that died mid-write leaves it)
+                drop = attempt not in in_flight
+            else:  # a partial write of a plain name is someone's in progress
+                drop = partial is None and keep is not None and step not in keep[kind]
+            if drop:
                 try:
                     self.store.delete(layout.MODELS_DIR, model_id, name)
                 except OSError as e:  # kept for the next pass: space is not worth failing a run
                     log.warning("could not delete %s of %s: %s", name, model_id, e)
+
+    def _wanted(self, model_id: str) -> dict[str, set[int]] | None:
+        """The steps of ``model_id`` whose checkpoints are kept, by kind ("state", "keras"); None:
+        all of them (``keep_checkpoints="all"``). See :meth:`_collect_checkpoints`."""
+        if self.keep_checkpoints == "all":
+            return None
+        status = self.scheduler.model_status(model_id)
+        P = self.num_workers
+        validated = set(status.validated_epochs)
+        pending = {(e + 1) * P for e in range(status.epochs_trained) if self.scheduler.validate and e not in validated}
+        live = status.state not in ("done", "stopped", "failed")
+        keep = {"state": pending | ({status.step} if live else set()), "keras": {status.step, status.num_epochs * P}}
+        if self.select is not None:
+            # an epoch not yet validated may still turn out the best
+            keep["keras"] |= pending
+            best = self._best_epoch(model_id)
+            if best is not None:
+                keep["keras"].add((best + 1) * P)
+        return keep
 
     def _history(self, model_id: str) -> dict[str, list[float]]:
         """The model's per-epoch history from its own records (not the whole run's)."""
@@ -544,6 +701,11 @@ class MopDriver:
         conn = self._conns.pop(worker_id, None)
         if conn is not None:
             conn.close()
+        for entry in self._behind.values():
+            if entry.worker_id == worker_id:  # asked again of a live worker (_ask_behind)
+                entry.worker_id = entry.attempt = None
+        for attempt in [a for a, (w, _) in self._saved_early.items() if w == worker_id]:
+            del self._saved_early[attempt]  # its unit is not accepted now: the file is a stale attempt's
         if worker_id not in self.scheduler.workers:
             return  # already lost (twice in one batch of events): nothing left to put back
         self._running.pop(worker_id, None)
@@ -564,6 +726,9 @@ class MopDriver:
     def _result(self) -> MopResult:
         hist = histories(self._records, self.num_workers)
         figures = timeline_figures(self._records, self.num_workers)
+        # off every unit's path: written while their workers waited for the next unit
+        figures["wholes_written_behind"] = self._behind_written[0]
+        figures["whole_behind_s"] = round(self._behind_written[1], 3)
         self.store.write_json(hist, layout.HISTORY)
         # the metric states are the journal's business (exact merges); the timeline stays small
         timeline = [{k: v for k, v in r.items() if k != "metric_state"} for r in self._records]
@@ -588,12 +753,12 @@ class _BarrierJob:
     """The Spark job holding the W worker tasks, run in a thread so the driver loop stays free."""
 
     def __init__(self, spark: Any, num_workers: int, server: ControlServer, workload: Workload, run_url: str,
-                 model_cache_mb: float | None = None) -> None:
+                 settings: WorkerSettings) -> None:
         self.error: str | None = None
         self._done = threading.Event()
         self._sc = sc = spark.sparkContext
         self.group = f"mop-{uuid.uuid4().hex[:12]}"
-        fn = barrier_task(server.address, server.secret, workload, run_url, model_cache_mb)
+        fn = barrier_task(server.address, server.secret, workload, run_url, settings)
 
         def target() -> None:
             try:

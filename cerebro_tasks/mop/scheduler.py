@@ -380,6 +380,15 @@ class HopScheduler:
         self._end(m, "stopped")
         self._touch(m)
 
+    def fail_model(self, model_id: str) -> None:
+        """Give a model up for a fault outside its units (its whole checkpoint cannot be written):
+        as ``stop_model``, but it counts as failed, also when it had finished training."""
+        m = self._model(model_id)
+        if m.state == "failed":
+            return
+        self._end(m, "failed")
+        self._touch(m)
+
     # ----------------------------------------------------------------- workers
     def worker_joined(self, worker_id: str, partition: int) -> None:
         """The worker owning ``partition`` is (again) available.

@@ -2,8 +2,9 @@
 
 - utilisation: busy seconds / (W x makespan);
 - hop overhead: per worker, the gap between one unit's end and the next unit's start, plus the
-  unit's data read, model build, state read and checkpoint write, as a fraction of the time spent
-  training or evaluating;
+  unit's data read, model build, state read and checkpoint write (and whole models of earlier
+  units it had to write first, mop/worker.py), as a fraction of the time spent training or
+  evaluating;
 - true hop cost (shared/reference/mop.md): the median time of units whose model came from
   elsewhere over the median time of the same unit (same model, same kind, same number of
   samples) on a model that stayed on its worker, so re-tracing counts as the hop's, not as
@@ -11,7 +12,8 @@
   its graph, before and only read its state) and "cold" (built on the worker for this unit). The
   worker's one-off data read is left out of both. A model's first unit on a graph the worker
   already built ("new": made from its seed, its initial state read into the traced model) is not
-  a hop: the model starts there.
+  a hop: the model starts there. Whole models of earlier units a worker writes before a unit
+  (mop/worker.py) are left out too: they are those units' checkpoint writes, not this hop's.
 Worker-side timestamps are compared only within one worker, so clock skew between machines does
 not distort the figures.
 """
@@ -39,7 +41,7 @@ def timeline_figures(records: list[dict[str, Any]], num_workers: int) -> dict[st
     for rs in by_worker.values():
         rs.sort(key=lambda r: r["start"])
         gaps += sum(max(0.0, b["start"] - a["end"]) for a, b in zip(rs, rs[1:]))
-    io = sum(r.get("data_s", 0.0) + r["load_s"] + r["save_s"] for r in records)
+    io = sum(r.get("data_s", 0.0) + r["load_s"] + r["save_s"] + r.get("behind_s", 0.0) for r in records)
     build = sum(r.get("build_s", 0.0) for r in records)
     return {
         "units": len(records),
@@ -69,7 +71,7 @@ def hop_cost(records: list[dict[str, Any]]) -> dict[str, Any]:
     groups: dict[tuple[str, str, int], dict[str, list[float]]] = {}
     for r in records:
         key = (r["unit"]["model_id"], r["unit"]["kind"], int(r.get("num_samples", 0)))
-        seconds = r["end"] - r["start"] - r.get("data_s", 0.0)
+        seconds = r["end"] - r["start"] - r.get("data_s", 0.0) - r.get("behind_s", 0.0)
         groups.setdefault(key, {a: [] for a in ARRIVALS})[arrival(r)].append(seconds)
     ratios: dict[str, list[float]] = {"hop_cost": [], "hop_cost_warm": [], "hop_cost_cold": []}
     for g in groups.values():

@@ -6,6 +6,14 @@ when it stayed here; only its weights and optimizer state when this worker built
 model of the same graph, before; a full build otherwise, see mop/model_cache.py), train one
 sub-epoch or evaluate, write the next checkpoint atomically, report the unit's parts of time. Data
 is read once per worker and reused by every model that hops in.
+
+Writes behind: the state a hop reads is written before the unit reports (the driver accepts a unit
+only once its successor can read it). The whole model an epoch's last train unit leaves
+(``.keras``, read by results and the export, never by a unit) costs several times more to write;
+the worker keeps the state in memory and writes the ``.keras`` while it waits for its next unit
+(the driver's round trip, lockstep's holds), or before that unit when ``MAX_BEHIND`` already wait,
+and tells the driver, which publishes it (mop/runtime.py). A worker lost first loses nothing: the
+driver has another write it from the state, which it keeps until then.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import socket
 import sys
 import time
 import traceback
-from multiprocessing.connection import Client
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -149,12 +159,41 @@ class PartitionError(RuntimeError):
     """This worker's data cannot be read: no model can train here, so the run stops."""
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the driver tells every worker beyond its partition: the budget of its warm models in
+    megabytes (None: derived, mop/model_cache.py) and whether whole models are written behind."""
+
+    model_cache_mb: float | None = None
+    write_behind: bool = True
+
+
+# Whole models waiting to be written behind (module docstring): at most this many, each holding its
+# state in memory; a unit that finds them all taken writes the oldest first.
+MAX_BEHIND = 2
+
+
+@dataclass
+class WholeBehind:
+    """An epoch-end model whose whole checkpoint (``.keras``) is still to be written: from the state
+    its unit ended with (``state``), or, when the driver re-asks after its first writer was lost,
+    from the committed state file (``state`` None)."""
+
+    spec: ModelSpec
+    step: int
+    attempt: str | None
+    state: bytes | None = None
+
+
 class UnitRunner:
     """Runs units on one partition, keeping the models it built warm across hops, one per graph
     (mop/model_cache.py)."""
 
     def __init__(self, workload: Workload, run_store: Store, partition: int,
-                 cache_budget_bytes: int | None = None, num_partitions: int | None = None) -> None:
+                 cache_budget_bytes: int | None = None, num_partitions: int | None = None,
+                 write_behind: bool = False) -> None:
+        """``write_behind``: an epoch's whole model waits in ``behind`` for :meth:`write_behind` (the
+        worker loop's); otherwise the unit writes it before it returns."""
         self.workload = workload
         self.store = run_store
         self.partition = partition
@@ -164,6 +203,8 @@ class UnitRunner:
         if cache_budget_bytes is None:
             cache_budget_bytes = default_budget_bytes(os.cpu_count() or 1, [])
         self.cache = ModelCache(cache_budget_bytes)
+        self.write_behind_on = write_behind
+        self.behind: deque[WholeBehind] = deque()
 
     def data(self, kind: str) -> Any:
         if kind not in self._data:
@@ -216,11 +257,13 @@ class UnitRunner:
         warm.model_id, warm.step = spec.model_id, step
         return warm, arrival, built
 
-    def run(self, unit: Unit, spec: ModelSpec, attempt: str | None = None) -> dict[str, Any]:
+    def run(self, unit: Unit, spec: ModelSpec, attempt: str | None = None, since: float | None = None) -> dict[str, Any]:
         """Run one unit. A train unit writes its checkpoint under ``attempt`` for the driver to
         accept (storage/layout.py); without one (a worker run by hand, a bench) it writes the plain
-        name directly."""
-        start = time.time()
+        name directly. ``since``: when the worker took the unit up, if it first wrote whole models
+        behind (their time is the unit's, as ``behind_s``)."""
+        start = time.time() if since is None else since
+        begun = time.time()
         data = self.data(unit.kind)
         read = time.time()
         key = self.graph_key(spec)
@@ -246,10 +289,16 @@ class UnitRunner:
                                                                 return_dict=True).items()}
         states = capture_metric_states(model) if inputs.num_samples else {}
         computed = time.time()
+        whole = None
         if training:
-            save_state(self.store, model, unit.model_id, unit.step + 1, attempt)
+            state = save_state(self.store, model, unit.model_id, unit.step + 1, attempt)
             if self.num_partitions is None or (unit.step + 1) % self.num_partitions == 0:
-                save_checkpoint(self.store, model, unit.model_id, unit.step + 1, attempt)
+                if self.write_behind_on:
+                    self.behind.append(WholeBehind(spec, unit.step + 1, attempt, state))
+                    whole = "behind"
+                else:
+                    save_checkpoint(self.store, model, unit.model_id, unit.step + 1, attempt)
+                    whole = "written"
             warm.step = unit.step + 1
         if inputs.num_samples:
             warm.traced.add(unit.kind)
@@ -262,13 +311,16 @@ class UnitRunner:
             "num_samples": int(inputs.num_samples),
             "start": start,
             "end": end,
-            # the parts of the unit's time: data read (first unit of a kind only), model build,
-            # state read, training or evaluation, checkpoint write
-            "data_s": read - start,
+            # the parts of the unit's time: whole models written behind earlier units before it
+            # could start, data read (first unit of a kind only), model build, state read,
+            # training or evaluation, checkpoint write
+            "behind_s": begun - start,
+            "data_s": read - begun,
             "build_s": build_s,
             "load_s": loaded - read - build_s,
             "compute_s": computed - loaded,
             "save_s": end - computed,
+            "whole": whole,  # its epoch's whole model: "written" with it, "behind" (later), None
             "arrival": arrival,
             "traced": traced,  # its train (or eval) function was already traced on this model
             "reused_model": arrival == "stayed",
@@ -280,28 +332,77 @@ class UnitRunner:
         }
 
 
+    def write_behind(self) -> tuple[WholeBehind, float]:
+        """Write the oldest whole model waiting (``behind``); returns it and the seconds it took.
+
+        It goes through the built model of its graph: the state is read into it unless that model
+        holds it already (the model stayed for its validation), and the cache entry then says whose
+        state it holds, so nothing is mistaken for another model's checkpoint. On an error nothing
+        of that model is kept (as after a failed unit) and the error propagates."""
+        job = self.behind.popleft()
+        started = time.time()
+        spec = job.spec
+        key = self.graph_key(spec)
+        warm = self.cache.take(key)
+        if warm is None or (warm.model_id, warm.step) != (spec.model_id, job.step):
+            if warm is None:
+                warm = WarmModel(self.workload.build_model(spec), job.step, 0)
+            if job.state is None:
+                load_state(self.store, warm.model, spec.model_id, job.step)
+            else:
+                decode_into(warm.model, job.state, f"the state of {spec.model_id} after step {job.step}")
+            warm.model_id, warm.step = spec.model_id, job.step
+        save_checkpoint(self.store, warm.model, spec.model_id, job.step, job.attempt)
+        warm.nbytes = footprint_bytes(state_bytes(warm.model))
+        self.cache.put(key, warm)
+        return job, time.time() - started
+
+
+def _write_behind(runner: UnitRunner, conn: Connection) -> None:
+    """Write the oldest whole model waiting and tell the driver how it went."""
+    job = runner.behind[0]
+    try:
+        job, seconds = runner.write_behind()
+        msg = Message.saved(job.spec.model_id, job.step, job.attempt, seconds)
+    except Exception:  # the driver has it written elsewhere: the state it needs is committed
+        msg = Message.saved(job.spec.model_id, job.step, job.attempt, 0.0, error=traceback.format_exc())
+    conn.send(msg)
+
+
 def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str, partition: int,
-          gpu_addresses: list[str], cpus: int, model_cache_mb: float | None = None,
+          gpu_addresses: list[str], cpus: int, settings: WorkerSettings = WorkerSettings(),
           num_partitions: int | None = None) -> dict[str, Any]:
     """Connect to the driver and run pushed units until told to stop. Returns this worker's summary."""
     devices = configure_devices(gpu_addresses, cpus)
-    budget = default_budget_bytes(cpus, gpu_addresses, model_cache_mb)
+    budget = default_budget_bytes(cpus, gpu_addresses, settings.model_cache_mb)
     devices["model_cache_mb"] = round(budget / (1 << 20), 1)
-    runner = UnitRunner(workload, Store(run_url), partition, budget, num_partitions)
+    runner = UnitRunner(workload, Store(run_url), partition, budget, num_partitions, settings.write_behind)
     conn = Client(address, authkey=secret)
     conn.send(Message.hello(partition, {"host": socket.gethostname(), "pid": os.getpid(), **devices}))
     units = 0
     try:
         while True:
             try:
+                if runner.behind and not conn.poll(0):  # nothing to run yet: write a whole model behind
+                    _write_behind(runner, conn)
+                    continue
                 msg = conn.recv()
             except EOFError:  # the driver closed the channel (it stopped, or failed): nothing more will come
                 break
             if msg.kind == "stop":
+                while runner.behind:  # the driver stops only once none is outstanding; be sure
+                    _write_behind(runner, conn)
                 break
+            if msg.kind == "whole":
+                p = msg.payload
+                runner.behind.append(WholeBehind(p["spec"], p["step"], p["attempt"]))
+                continue
             unit, spec = msg.payload["unit"], msg.payload["spec"]
+            since = time.time()
+            while len(runner.behind) >= MAX_BEHIND:  # no idle moment came: write the oldest now
+                _write_behind(runner, conn)
             try:
-                result = runner.run(unit, spec, msg.payload["attempt"])
+                result = runner.run(unit, spec, msg.payload["attempt"], since=since)
             except PartitionError as e:  # a data fault, not a model fault: say so once and stop
                 conn.send(Message.fatal(unit, str(e)))
                 break
@@ -317,7 +418,7 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
 
 
 def barrier_task(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str,
-                 model_cache_mb: float | None = None):
+                 settings: WorkerSettings = WorkerSettings()):
     """The function Spark runs on each of the W barrier tasks (mapPartitions over one dummy row)."""
 
     def run(_rows: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -326,7 +427,7 @@ def barrier_task(address: tuple[str, int], secret: bytes, workload: Workload, ru
         ctx = BarrierTaskContext.get()
         gpus = ctx.resources().get("gpu")
         addresses = list(gpus.addresses) if gpus is not None else []
-        yield serve(address, secret, workload, run_url, ctx.partitionId(), addresses, ctx.cpus(), model_cache_mb,
+        yield serve(address, secret, workload, run_url, ctx.partitionId(), addresses, ctx.cpus(), settings,
                     len(ctx.getTaskInfos()))
 
     return run

@@ -81,6 +81,17 @@ def parse_checkpoint(name: str) -> tuple[int, str | None] | None:
     return (int(found.group(1)), found.group(2)) if found else None
 
 
+# A file being written: ``.tmp-<token>-<its final name>`` beside it, renamed once complete (the
+# store's writes and mop/checkpoint.py's); a writer that died leaves it behind.
+PARTIAL = re.compile(r"\.tmp-[A-Za-z0-9_]+-(.+)")
+
+
+def partial_of(name: str) -> str | None:
+    """The final name a partial write (``.tmp-<token>-<name>``) was for; None for any other file."""
+    found = PARTIAL.fullmatch(name)
+    return found.group(1) if found else None
+
+
 def error_name(model_id: str) -> tuple[str, str]:
     """Path parts of the file holding the tracebacks of ``model_id``'s failed units."""
     return (ERRORS_DIR, f"{model_id}.txt")
