@@ -101,6 +101,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"- true hop cost {_ratio(fig.get('hop_cost'))} (a unit whose model hopped in, over the same unit on a "
              f"model that stayed; model already built on the worker {_ratio(fig.get('hop_cost_warm'))}, built there "
              f"for the unit {_ratio(fig.get('hop_cost_cold'))})",
+             *([f"- data and checkpoint I/O on the units' path {fig.get('checkpoint_io_s', 0.0):.1f} s; "
+                f"{fig['wholes_written_behind']} whole models written behind, off it "
+                f"({fig.get('whole_behind_s', 0.0):.1f} s of the workers' waiting time)"]
+               if fig.get("wholes_written_behind") else []),
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ended = (f"failed: {r['error']}" if "error" in r else
