@@ -5,10 +5,11 @@ The DeepPostures CNN-BiLSTM on generated sequences (the demo's unit: 640 sequenc
 amp 0.25), M models x E epochs on 2 Spark workers, the default lockstep schedule. For each way it
 reports the checkpoint writes on the units' path (median per epoch-end train unit, and in all),
 the whole models written behind (how many, their seconds, none of them on a unit's path), the
-makespan, and whether the schedule and every model's history came out the same (they must: the
-writes are not scheduling events). Writes bench/results/writes_behind.json.
+makespan (each way run twice, A B B A: this machine's speed drifts by 10-20 %), and whether the
+schedule and every model's history came out the same (they must: the writes are not scheduling
+events). Writes bench/results/writes_behind.json.
 
-    python bench/writes_behind.py [--models 4] [--epochs 3] [--sequences 640] [--amp 0.25]
+    python bench/writes_behind.py [--models 4] [--epochs 3] [--sequences 640] [--amp 0.25] [--repeats 2] [--behind-first]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def figures(result, wall_s: float) -> dict:
         "wall_s": round(wall_s, 2),
         "makespan_s": round(f["makespan_s"], 2),
         "utilisation": round(f["utilisation"], 4),
+        "gap_s": round(f["gap_s"], 2),
         "units": f["units"],
         "epoch_end_unit_save_s_median": round(statistics.median(r["save_s"] for r in epoch_end), 4),
         "mid_epoch_unit_save_s_median": round(statistics.median(r["save_s"] for r in mid), 4),
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sequences", type=int, default=640, help="training sequences per partition (unit size)")
     parser.add_argument("--amp", type=float, default=0.25, help="the CNN-BiLSTM's amp factor (its width)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each way (order A B B A ...)")
+    parser.add_argument("--behind-first", action="store_true", help="start with writes behind (B A A B ...)")
     args = parser.parse_args()
     workload = SyntheticCnnBilstmWorkload(sequences_per_partition=args.sequences, batch_size=16)
     specs = [ModelSpec(f"m{i}", {"amp_factor": args.amp, "window_minutes": 3, "learning_rate": lr}, args.epochs,
@@ -69,15 +73,22 @@ def main() -> None:
     spark = get_spark("bench-writes-behind", master=f"local[{WORKERS}]")
     out: dict = {"models": args.models, "epochs": args.epochs, "workers": WORKERS, "sequences_per_unit": args.sequences,
                  "amp_factor": args.amp}
-    results = {}
+    results: dict = {}
+    runs: dict = {"within_unit": [], "behind": []}
     with tempfile.TemporaryDirectory() as d:
-        for label, behind in (("within_unit", False), ("behind", True)):
+        # each way twice, in the order A B B A, so that drift in this machine's speed falls on both
+        pair = [("within_unit", False), ("behind", True)][::-1 if args.behind_first else 1]
+        for i, (label, behind) in enumerate(pair + pair[::-1] * (args.repeats - 1)):
             started = time.time()
-            results[label] = run_mop(spark, workload, specs, os.path.join(d, label), num_workers=WORKERS, seed=0,
-                                     write_behind=behind)
-            out[label] = figures(results[label], time.time() - started)
-            print(label, out[label], flush=True)
+            results[label] = run_mop(spark, workload, specs, os.path.join(d, f"{label}-{i}"), num_workers=WORKERS,
+                                     seed=0, write_behind=behind)
+            runs[label].append(figures(results[label], time.time() - started))
+            print(label, runs[label][-1], flush=True)
     spark.stop()
+    for label, rs in runs.items():
+        # each figure's median over the runs, and every run's figures
+        out[label] = {k: round(statistics.median(r[k] for r in rs if r[k] is not None), 4) for k, v in rs[0].items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)} | {"runs": rs}
     a, b = results["within_unit"], results["behind"]
     out["same_schedule"] = ([(r["worker_id"], r["unit"]) for r in a.records]
                             == [(r["worker_id"], r["unit"]) for r in b.records])

@@ -10,9 +10,9 @@ is read once per worker and reused by every model that hops in.
 Writes behind: the state a hop reads is written before the unit reports (the driver accepts a unit
 only once its successor can read it). The whole model an epoch's last train unit leaves
 (``.keras``, read by results and the export, never by a unit) costs several times more to write;
-the worker keeps the state in memory and writes the ``.keras`` while it waits for its next unit
-(the driver's round trip, lockstep's holds), or before that unit when ``MAX_BEHIND`` already wait,
-and tells the driver, which publishes it (mop/runtime.py). A worker lost first loses nothing: the
+the worker keeps the state in memory and writes the ``.keras`` when it would otherwise wait for its
+next unit (lockstep's holds, models it waits for), or before a unit when ``MAX_BEHIND`` already
+wait, and tells the driver, which publishes it (mop/runtime.py). A worker lost first loses nothing: the
 driver has another write it from the state, which it keeps until then.
 """
 
@@ -171,6 +171,10 @@ class WorkerSettings:
 # Whole models waiting to be written behind (module docstring): at most this many, each holding its
 # state in memory; a unit that finds them all taken writes the oldest first.
 MAX_BEHIND = 2
+# After a unit, how long a worker waits for its next one before it starts writing a whole model
+# behind: a unit the driver sends straight back (its round trip is a few ms) then runs first, and the
+# write takes a moment the worker would have idled (lockstep's holds, a model it waits for).
+BEHIND_WAIT_S = 0.05
 
 
 @dataclass
@@ -383,7 +387,7 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
     try:
         while True:
             try:
-                if runner.behind and not conn.poll(0):  # nothing to run yet: write a whole model behind
+                if runner.behind and not conn.poll(BEHIND_WAIT_S):  # nothing to run: write a whole model behind
                     _write_behind(runner, conn)
                     continue
                 msg = conn.recv()
