@@ -114,6 +114,9 @@ def test_a_whole_model_written_behind_is_the_state_its_unit_ended_with(tmp_path)
     # the built model now holds a's step 2 (the last written), so b's next unit reads b's own state
     after = {mode: runner.run(Unit("b", 1, "train", 0, 1), b) for mode, runner in runners.items()}
     assert after["behind"]["arrival"] == "warm"
+    assert [(job.spec.model_id, job.step) for job in behind.behind] == [("b", 2)]
+    behind.drop_behind("b", 2, None)  # the driver no longer wants it: it is never written
+    assert not behind.behind and not stores["behind"].exists(*layout.checkpoint_name("b", 2))
     assert_same(state_of(behind.cache.take(behind.graph_key(b)).model),
                 state_of(runners["now"].cache.take(runners["now"].graph_key(b)).model), exact=False)
 

@@ -38,7 +38,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 @dataclass
 class Message:
-    kind: str  # hello | unit | done | failed | fatal | stop | whole | saved
+    kind: str  # hello | unit | done | failed | fatal | stop | whole | saved | drop
     payload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -71,6 +71,11 @@ class Message:
         # driver -> worker: write this model's whole checkpoint at `step` from its committed state
         # (its first writer was lost before it wrote it; mop/worker.py, writes behind)
         return cls("whole", {"model_id": model_id, "step": step, "spec": spec, "attempt": attempt})
+
+    @classmethod
+    def drop(cls, model_id: str, step: int, attempt: str) -> "Message":
+        # driver -> worker: that whole checkpoint is no longer wanted: if not yet written, never write it
+        return cls("drop", {"model_id": model_id, "step": step, "attempt": attempt})
 
     @classmethod
     def saved(cls, model_id: str, step: int, attempt: str | None, seconds: float, error: str | None = None) -> "Message":

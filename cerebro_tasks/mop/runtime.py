@@ -628,8 +628,10 @@ class MopDriver:
             for key in [k for k in self._behind if k[0] == model_id]:
                 if key[1] in keep["keras"]:
                     keep["state"].add(key[1])  # what it is written from, should its writer be lost
-                else:
-                    del self._behind[key]  # nothing will read it: its write, when it comes, is dropped
+                else:  # nothing will read it: not to be written, or dropped when it comes
+                    entry = self._behind.pop(key)
+                    if entry.worker_id in self._conns and entry.attempt is not None:
+                        _send_quietly(self._conns[entry.worker_id], Message.drop(model_id, key[1], entry.attempt))
         in_flight = set(self._attempts.values()) | {e.attempt for e in self._behind.values()}
         for name in self.store.listdir(layout.MODELS_DIR, model_id):
             partial = layout.partial_of(name)

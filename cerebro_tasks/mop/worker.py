@@ -11,8 +11,9 @@ Writes behind: the state a hop reads is written before the unit reports (the dri
 only once its successor can read it). The whole model an epoch's last train unit leaves
 (``.keras``, read by results and the export, never by a unit) costs several times more to write;
 the worker keeps the state in memory and writes the ``.keras`` when it would otherwise wait for its
-next unit (lockstep's holds, models it waits for), or before a unit when ``MAX_BEHIND`` already
-wait, and tells the driver, which publishes it (mop/runtime.py). A worker lost first loses nothing: the
+next unit (lockstep's holds, models it waits for), or before a unit when too many wait, and tells
+the driver, which publishes it (mop/runtime.py); one the driver no longer wants by then (the model
+has moved on, and it is neither its final nor its best epoch) is dropped unwritten. A worker lost first loses nothing: the
 driver has another write it from the state, which it keeps until then.
 """
 
@@ -169,8 +170,12 @@ class WorkerSettings:
 
 
 # Whole models waiting to be written behind (module docstring): at most this many, each holding its
-# state in memory; a unit that finds them all taken writes the oldest first.
-MAX_BEHIND = 2
+# state in memory, and together at most this share of the warm models' budget (mop/model_cache.py);
+# a unit that finds the limit reached writes the oldest first. The longer they wait, the more of them
+# the driver drops unwritten: only the newest, the final and (with a selection metric) the best
+# epoch's whole model are kept.
+MAX_BEHIND = 4
+BEHIND_BUDGET_SHARE = 0.25
 # After a unit, how long a worker waits for its next one before it starts writing a whole model
 # behind: a unit the driver sends straight back (its round trip is a few ms) then runs first, and the
 # write takes a moment the worker would have idled (lockstep's holds, a model it waits for).
@@ -209,6 +214,7 @@ class UnitRunner:
         self.cache = ModelCache(cache_budget_bytes)
         self.write_behind_on = write_behind
         self.behind: deque[WholeBehind] = deque()
+        self.behind_budget_bytes = int(BEHIND_BUDGET_SHARE * cache_budget_bytes)
 
     def data(self, kind: str) -> Any:
         if kind not in self._data:
@@ -336,6 +342,16 @@ class UnitRunner:
         }
 
 
+    def behind_full(self) -> bool:
+        """Whether the whole models waiting are at their limit (MAX_BEHIND, or their share of memory)."""
+        held = sum(len(job.state or b"") for job in self.behind)
+        return len(self.behind) >= MAX_BEHIND or (len(self.behind) > 0 and held > self.behind_budget_bytes)
+
+    def drop_behind(self, model_id: str, step: int, attempt: str | None) -> None:
+        """Forget a whole model waiting to be written: nothing will read it."""
+        self.behind = deque(job for job in self.behind
+                            if (job.spec.model_id, job.step, job.attempt) != (model_id, step, attempt))
+
     def write_behind(self) -> tuple[WholeBehind, float]:
         """Write the oldest whole model waiting (``behind``); returns it and the seconds it took.
 
@@ -401,9 +417,12 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
                 p = msg.payload
                 runner.behind.append(WholeBehind(p["spec"], p["step"], p["attempt"]))
                 continue
+            if msg.kind == "drop":
+                runner.drop_behind(**msg.payload)
+                continue
             unit, spec = msg.payload["unit"], msg.payload["spec"]
             since = time.time()
-            while len(runner.behind) >= MAX_BEHIND:  # no idle moment came: write the oldest now
+            while runner.behind_full():  # no idle moment came: write the oldest now
                 _write_behind(runner, conn)
             try:
                 result = runner.run(unit, spec, msg.payload["attempt"], since=since)
