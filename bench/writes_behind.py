@@ -54,6 +54,7 @@ def figures(result, wall_s: float) -> dict:
         "checkpoint_io_s": round(f["checkpoint_io_s"], 3),
         "wholes_written_behind": f.get("wholes_written_behind", 0),
         "whole_behind_s": f.get("whole_behind_s", 0.0),
+        "wholes_dropped": f.get("wholes_dropped", 0),
         "true_hop_cost": f.get("hop_cost"),
     }
 

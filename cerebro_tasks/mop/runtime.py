@@ -178,6 +178,7 @@ class MopDriver:
         # (model, step) -> its whole checkpoint being written behind (see the module docstring)
         self._behind: dict[tuple[str, int], _Behind] = {}
         self._behind_written = [0, 0.0]  # whole checkpoints written behind: how many, worker seconds
+        self._behind_dropped = 0  # whole checkpoints no longer wanted before they were in place
         self._heard: dict[str, float] = {}  # worker -> when it last sent anything
         # attempt -> (worker, its report): written behind a unit whose result lockstep still holds
         self._saved_early: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -630,6 +631,7 @@ class MopDriver:
                     keep["state"].add(key[1])  # what it is written from, should its writer be lost
                 else:  # nothing will read it: not to be written, or dropped when it comes
                     entry = self._behind.pop(key)
+                    self._behind_dropped += 1
                     if entry.worker_id in self._conns and entry.attempt is not None:
                         _send_quietly(self._conns[entry.worker_id], Message.drop(model_id, key[1], entry.attempt))
         in_flight = set(self._attempts.values()) | {e.attempt for e in self._behind.values()}
@@ -731,6 +733,7 @@ class MopDriver:
         # off every unit's path: written while their workers waited for the next unit
         figures["wholes_written_behind"] = self._behind_written[0]
         figures["whole_behind_s"] = round(self._behind_written[1], 3)
+        figures["wholes_dropped"] = self._behind_dropped  # no longer wanted before they were written
         self.store.write_json(hist, layout.HISTORY)
         # the metric states are the journal's business (exact merges); the timeline stays small
         timeline = [{k: v for k, v in r.items() if k != "metric_state"} for r in self._records]
