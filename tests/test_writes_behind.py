@@ -37,6 +37,17 @@ class FragileWorkload(SyntheticWorkload):
     worker's process the first time. Markers under `markers` say it happened."""
 
     markers: str = ""
+    slow_partition: int = -1  # its train units take 0.3 s longer than their cost says
+
+    def inputs(self, data: Any, spec: ModelSpec, *, training: bool, seed: int) -> Any:
+        if training and int(data["partition"]) == self.slow_partition:
+            import time
+
+            time.sleep(0.3)
+        return super().inputs(data, spec, training=training, seed=seed)
+
+    def load_partition(self, kind: str, partition: int) -> dict[str, np.ndarray]:
+        return {**super().load_partition(kind, partition), "partition": np.asarray(partition)}
 
     def graph_key(self, spec: ModelSpec) -> str:
         # a fragile model's graph is its own: a model sharing its built model would break with it
@@ -126,8 +137,8 @@ def specs(*fragile: str | None) -> list[ModelSpec]:
             for i, f in enumerate(fragile)]
 
 
-def run(spark, tmp_path, models: list[ModelSpec], **kwargs: Any):
-    workload = FragileWorkload(rows_per_partition=512, features=8, markers=str(tmp_path))
+def run(spark, tmp_path, models: list[ModelSpec], slow_partition: int = -1, **kwargs: Any):
+    workload = FragileWorkload(rows_per_partition=512, features=8, markers=str(tmp_path), slow_partition=slow_partition)
     return run_mop(spark, workload, models, str(tmp_path / "run"), num_workers=W, seed=4, **kwargs)
 
 
@@ -198,3 +209,40 @@ def test_a_resumed_run_writes_the_whole_models_left_behind(spark, tmp_path):
     assert again.units_run == 0 and again.histories == first.histories
     assert again.figures["wholes_written_behind"] == 1
     assert_same(state_of(whole_model(store, "m1", FINAL)), before)
+
+
+def test_wholes_written_while_lockstep_holds_their_units_results_are_published(spark, tmp_path):
+    """Worker 0's train units are slower than their costs say, so lockstep holds worker 1's results
+    until worker 0's, first in virtual time, are in; worker 1 writes its wholes meanwhile, and they
+    are published once their units are accepted: none is lost, asked again or mistaken for hung."""
+    result = run(spark, tmp_path, specs(None, None, None), slow_partition=0, keep_checkpoints="all")
+    epoch_ends = [r for r in result.records if r["unit"]["kind"] == "train" and (r["unit"]["step"] + 1) % W == 0]
+    assert result.figures["wholes_written_behind"] == len(epoch_ends) == 3 * EPOCHS
+    assert len({w["pid"] for w in result.workers}) == W  # no stage restart
+    for model_id in result.specs:
+        assert_wholes_are_their_states(result.run_url, model_id)
+
+
+def test_the_collection_keeps_an_unvalidated_epochs_whole_model_when_selecting(tmp_path):
+    """With a selection metric, an epoch whose validation is not complete may still turn out the best:
+    its whole model stays while the model trains on; without one it goes. Partial files of writers
+    given up on go; a partial of a plain name (someone's write in progress) stays."""
+    from cerebro_tasks.mop.runtime import MopDriver
+
+    kept = {}
+    for select in (("val_loss", "min"), None):
+        folder = str(tmp_path / f"run-{select is not None}")
+        store = Store(folder)
+        driver = MopDriver(None, SyntheticWorkload(), store.url_of(), num_workers=W, select=select)
+        driver.add(ModelSpec("m0", {}, EPOCHS, seed=0))
+        for unit in (Unit("m0", 0, "train", 0, 0), Unit("m0", 0, "train", 1, 1), Unit("m0", 1, "train", 0, 2)):
+            driver.scheduler.restore_finished(unit)  # epoch 0 trained, not validated; one unit into epoch 1
+        names = [layout.checkpoint_name("m0", 2)[-1], layout.state_name("m0", 2)[-1], layout.state_name("m0", 3)[-1],
+                 ".tmp-77-" + layout.checkpoint_name("m0", 3, "deadbeef0000")[-1],
+                 ".tmp-77-" + layout.checkpoint_name("m0", 4)[-1]]
+        for name in names:
+            store.write_bytes(b"x", layout.MODELS_DIR, "m0", name)
+        driver._collect_checkpoints("m0")
+        kept[select is not None] = files(folder, "m0")
+    assert kept[True] == sorted(["ckpt-00002.keras", "ckpt-00002.state", "ckpt-00003.state", ".tmp-77-ckpt-00004.keras"])
+    assert kept[False] == sorted(["ckpt-00002.state", "ckpt-00003.state", ".tmp-77-ckpt-00004.keras"])

@@ -77,6 +77,14 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
+    def peek(self, key: str) -> WarmModel | None:
+        """The built model of graph `key` if held, leaving it where it is in the LRU order."""
+        return self._entries.get(key)
+
+    def discard(self, key: str) -> None:
+        """Forget the built model of graph `key` (its state is no longer known)."""
+        self._entries.pop(key, None)
+
     def take(self, key: str) -> WarmModel | None:
         """Remove and return the built model of graph `key`, if this worker holds one."""
         return self._entries.pop(key, None)

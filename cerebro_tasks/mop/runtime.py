@@ -182,7 +182,9 @@ class MopDriver:
         self._heard: dict[str, float] = {}  # worker -> when it last sent anything
         # attempt -> (worker, its report): written behind a unit whose result lockstep still holds
         self._saved_early: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._slowest_s = 0.0  # the longest unit seen (how long a write behind may take)
+        # the longest unit, and whole checkpoint write behind, seen (how long a write may take)
+        self._slowest_s = 0.0
+        self._slowest_write_s: float | None = None
         self._t0 = time.time()
         self._last_idle: str | None = None
 
@@ -233,10 +235,11 @@ class MopDriver:
         for model_id in self.specs:
             wanted = self._wanted(model_id)
             step = self.scheduler.model_status(model_id).step
+            names = set(self.store.listdir(layout.MODELS_DIR, model_id))  # one listing, not a call per step
             for s in range(P, step + 1, P):
-                if ((wanted is None or s in wanted["keras"]) and not self.store.exists(*checkpoint_name(model_id, s))
+                if ((wanted is None or s in wanted["keras"]) and checkpoint_name(model_id, s)[-1] not in names
                         and (model_id, s) not in self._behind):
-                    if self.store.exists(*state_name(model_id, s)):
+                    if state_name(model_id, s)[-1] in names:
                         self._behind[(model_id, s)] = _Behind(None, None, time.time())
                     else:  # deleted by an earlier attempt that kept fewer (keep_checkpoints)
                         lost.append(f"{model_id} step {s}")
@@ -263,8 +266,8 @@ class MopDriver:
 
     def _run(self, on_model_done: ModelDoneCallback | None) -> MopResult:
         server = ControlServer()
-        attempts = 0  # consecutive starts of the worker stage that ran no unit
-        units_at_start = 0
+        attempts = 0  # consecutive starts of the worker stage that ran no unit (nor wrote a whole model)
+        units_at_start = wholes_at_start = 0
         job: WorkerJob | None = None
         self._t0 = time.time()
         self._notify_already_complete(on_model_done)
@@ -274,16 +277,17 @@ class MopDriver:
                     if job is not None:
                         log.warning("worker stage ended before the search finished (%s); resubmitting",
                                     job.error or "no error")
-                        if self._units_run > units_at_start:
+                        if self._units_run > units_at_start or self._behind_written[0] > wholes_at_start:
                             attempts = 0  # it made progress: only failures in a row use up the attempts
                     attempts += 1
                     if attempts > self.max_job_attempts:
                         raise MopError(f"the {'Spark' if self.spark is not None else 'local'} worker stage failed "
-                                       f"{self.max_job_attempts} times in a row (no unit finished in between); "
+                                       f"{self.max_job_attempts} times in a row (no unit finished, no whole model was "
+                                       f"written in between); "
                                        f"last error: {job.error if job else None}")
                     job = self._start_workers(server)
                     job_started = time.time()
-                    units_at_start = self._units_run
+                    units_at_start, wholes_at_start = self._units_run, self._behind_written[0]
                 had_workers = bool(self._conns)
                 self._accept_joined(server)
                 self._ask_behind()
@@ -492,7 +496,11 @@ class MopDriver:
             log.warning("could not write the traceback of %s: %s", what, e)
 
     def _whole_saved(self, worker_id: str, report: dict[str, Any], on_model_done: ModelDoneCallback | None) -> None:
-        """A worker wrote (or could not write) a whole checkpoint behind: publish it, or ask again."""
+        """A worker wrote (or could not write) a whole checkpoint behind: publish it, or ask again.
+
+        After MAX_WHOLE_TRIES failures the model is given up, even one that had finished (the
+        search may have learnt from it already; its result is reported failed). That is not in the
+        journal: a resumed run tries the write again."""
         model_id, step = report["model_id"], report["step"]
         if self._attempts.get(worker_id) == report["attempt"]:
             # written behind the unit the worker last reported, whose result lockstep still holds:
@@ -511,6 +519,7 @@ class MopDriver:
                 del self._behind[(model_id, step)]
                 self._behind_written[0] += 1
                 self._behind_written[1] += report["seconds"]
+                self._slowest_write_s = max(self._slowest_write_s or 0.0, report["seconds"])
                 self._collect_checkpoints(model_id)
                 return
         entry.tries += 1
@@ -528,8 +537,9 @@ class MopDriver:
         self._check_model(model_id, on_model_done)
 
     def _ask_behind(self) -> None:
-        """Ask a live worker for each whole checkpoint whose writer was lost (or failed)."""
-        if not self._conns:
+        """Ask a live worker for each whole checkpoint whose writer was lost (or failed); once all W
+        are in, so that the first to join is not given them all."""
+        if len(self._conns) < self.num_workers:
             return
         for (model_id, step), entry in sorted(self._behind.items()):
             if entry.worker_id is not None:
@@ -546,17 +556,23 @@ class MopDriver:
                 return  # its entries are unasked again; the next pass asks the others
 
     def _fail_hung_writes(self, job: WorkerJob) -> None:
-        """A worker that runs no unit and has said nothing for longer than a unit may take, while a
-        whole checkpoint of it is outstanding, hangs in that write: its stage starts afresh."""
-        limit = self.unit_timeout_s or max(UNIT_TIMEOUT_MIN_S, UNIT_TIMEOUT_FACTOR * self._slowest_s)
+        """A worker that runs no unit and has said nothing for far longer than a unit or a write has
+        taken, while a whole checkpoint of it is outstanding, hangs in a write: its stage starts
+        afresh. Before any write is seen (a resumed run's first), the limit is the start timeout."""
+        if self.unit_timeout_s is not None:
+            limit = self.unit_timeout_s
+        else:
+            floor = UNIT_TIMEOUT_MIN_S if self._slowest_write_s is not None else self.start_timeout_s
+            limit = max(floor, UNIT_TIMEOUT_FACTOR * max(self._slowest_s, self._slowest_write_s or 0.0))
         now = time.time()
         for (model_id, step), entry in list(self._behind.items()):
             w = entry.worker_id
             if w is None or w not in self._conns or w in self._running:
                 continue
             if now - max(entry.since, self._heard.get(w, 0.0)) > limit:
-                log.error("worker %s has not written the whole checkpoint of %s at step %d within %.0f s; its worker "
-                          "stage is cancelled so that it starts afresh", w, model_id, step, limit)
+                log.error("worker %s has written no whole checkpoint for %.0f s while that of %s at step %d waits "
+                          "(it may be stuck on one before it); its worker stage is cancelled so that it starts "
+                          "afresh", w, limit, model_id, step)
                 self._lose_worker(w)
                 job.cancel()
 

@@ -13,8 +13,8 @@ only once its successor can read it). The whole model an epoch's last train unit
 the worker keeps the state in memory and writes the ``.keras`` when it would otherwise wait for its
 next unit (lockstep's holds, models it waits for), or before a unit when too many wait, and tells
 the driver, which publishes it (mop/runtime.py); one the driver no longer wants by then (the model
-has moved on, and it is neither its final nor its best epoch) is dropped unwritten. A worker lost first loses nothing: the
-driver has another write it from the state, which it keeps until then.
+has moved on, and it is neither its final nor its best epoch) is dropped unwritten. A worker lost
+first loses nothing: the driver has another write it from the state, which it keeps until then.
 """
 
 from __future__ import annotations
@@ -185,13 +185,16 @@ BEHIND_WAIT_S = 0.05
 @dataclass
 class WholeBehind:
     """An epoch-end model whose whole checkpoint (``.keras``) is still to be written: from the state
-    its unit ended with (``state``), or, when the driver re-asks after its first writer was lost,
-    from the committed state file (``state`` None)."""
+    its unit ended with (``state``), through the built model it ran on (``model``); or, when the
+    driver asks again after its first writer was lost, from the committed state file (both None)."""
 
     spec: ModelSpec
     step: int
     attempt: str | None
     state: bytes | None = None
+    # held so that writing never builds a model: a build would draw from the random generators the
+    # next model built here is seeded from, at a moment that depends on timing (lockstep's promise)
+    model: Any = None
 
 
 class UnitRunner:
@@ -270,8 +273,8 @@ class UnitRunner:
     def run(self, unit: Unit, spec: ModelSpec, attempt: str | None = None, since: float | None = None) -> dict[str, Any]:
         """Run one unit. A train unit writes its checkpoint under ``attempt`` for the driver to
         accept (storage/layout.py); without one (a worker run by hand, a bench) it writes the plain
-        name directly. ``since``: when the worker took the unit up, if it first wrote whole models
-        behind (their time is the unit's, as ``behind_s``)."""
+        name directly. ``since``: when the unit's message came, if whole models were written behind
+        earlier units before it could start (their time is the unit's, as ``behind_s``)."""
         start = time.time() if since is None else since
         begun = time.time()
         data = self.data(unit.kind)
@@ -299,12 +302,12 @@ class UnitRunner:
                                                                 return_dict=True).items()}
         states = capture_metric_states(model) if inputs.num_samples else {}
         computed = time.time()
-        whole = None
+        whole = behind = None
         if training:
             state = save_state(self.store, model, unit.model_id, unit.step + 1, attempt)
             if self.num_partitions is None or (unit.step + 1) % self.num_partitions == 0:
                 if self.write_behind_on:
-                    self.behind.append(WholeBehind(spec, unit.step + 1, attempt, state))
+                    behind = WholeBehind(spec, unit.step + 1, attempt, state, model)
                     whole = "behind"
                 else:
                     save_checkpoint(self.store, model, unit.model_id, unit.step + 1, attempt)
@@ -314,6 +317,8 @@ class UnitRunner:
             warm.traced.add(unit.kind)
         warm.nbytes = footprint_bytes(state_bytes(model))
         evicted = self.cache.put(key, warm)
+        if behind is not None:  # only now: a unit that failed before here leaves nothing to write
+            self.behind.append(behind)
         end = time.time()
         return {
             "metrics": metrics,
@@ -341,11 +346,11 @@ class UnitRunner:
             "attempt": attempt,
         }
 
-
     def behind_full(self) -> bool:
-        """Whether the whole models waiting are at their limit (MAX_BEHIND, or their share of memory)."""
-        held = sum(len(job.state or b"") for job in self.behind)
-        return len(self.behind) >= MAX_BEHIND or (len(self.behind) > 0 and held > self.behind_budget_bytes)
+        """Whether the whole models waiting with their state in memory are at their limit (MAX_BEHIND,
+        or their share of memory); those the driver asked for again hold nothing and do not count."""
+        held = [len(job.state) for job in self.behind if job.state is not None]
+        return len(held) >= MAX_BEHIND or (len(held) > 0 and sum(held) > self.behind_budget_bytes)
 
     def drop_behind(self, model_id: str, step: int, attempt: str | None) -> None:
         """Forget a whole model waiting to be written: nothing will read it."""
@@ -355,38 +360,47 @@ class UnitRunner:
     def write_behind(self) -> tuple[WholeBehind, float]:
         """Write the oldest whole model waiting (``behind``); returns it and the seconds it took.
 
-        It goes through the built model of its graph: the state is read into it unless that model
-        holds it already (the model stayed for its validation), and the cache entry then says whose
-        state it holds, so nothing is mistaken for another model's checkpoint. On an error nothing
-        of that model is kept (as after a failed unit) and the error propagates."""
+        It goes through the built model its unit ran on (asked for again: the one of its graph held
+        here, else one built for it and dropped after), without moving the warm models' LRU order.
+        The state is read into that model unless it holds it already (the model stayed for its
+        validation); if it is the warm model of its graph, the cache then says whose state it holds,
+        or, should the read fail half-way, forgets it (as after a failed unit)."""
         job = self.behind.popleft()
         started = time.time()
         spec = job.spec
         key = self.graph_key(spec)
-        warm = self.cache.take(key)
-        if warm is None or (warm.model_id, warm.step) != (spec.model_id, job.step):
-            if warm is None:
-                warm = WarmModel(self.workload.build_model(spec), job.step, 0)
-            if job.state is None:
-                load_state(self.store, warm.model, spec.model_id, job.step)
-            else:
-                decode_into(warm.model, job.state, f"the state of {spec.model_id} after step {job.step}")
-            warm.model_id, warm.step = spec.model_id, job.step
-        save_checkpoint(self.store, warm.model, spec.model_id, job.step, job.attempt)
-        warm.nbytes = footprint_bytes(state_bytes(warm.model))
-        self.cache.put(key, warm)
+        warm = self.cache.peek(key)
+        model = job.model if job.model is not None else (warm.model if warm is not None else None)
+        if model is None:  # asked for again, and no model of its graph here: one for this write only
+            model = self.workload.build_model(spec)
+        cached = warm is not None and warm.model is model
+        if not (cached and (warm.model_id, warm.step) == (spec.model_id, job.step)):
+            try:
+                if job.state is None:
+                    load_state(self.store, model, spec.model_id, job.step)
+                else:
+                    decode_into(model, job.state, f"the state of {spec.model_id} after step {job.step}")
+            except BaseException:
+                if cached:
+                    self.cache.discard(key)
+                raise
+            if cached:
+                warm.model_id, warm.step = spec.model_id, job.step
+        save_checkpoint(self.store, model, spec.model_id, job.step, job.attempt)
         return job, time.time() - started
 
 
-def _write_behind(runner: UnitRunner, conn: Connection) -> None:
-    """Write the oldest whole model waiting and tell the driver how it went."""
+def _write_behind(runner: UnitRunner, conn: Connection) -> float:
+    """Write the oldest whole model waiting and tell the driver how it went; returns the seconds."""
     job = runner.behind[0]
+    started = time.time()
     try:
         job, seconds = runner.write_behind()
         msg = Message.saved(job.spec.model_id, job.step, job.attempt, seconds)
     except Exception:  # the driver has it written elsewhere: the state it needs is committed
         msg = Message.saved(job.spec.model_id, job.step, job.attempt, 0.0, error=traceback.format_exc())
     conn.send(msg)
+    return time.time() - started
 
 
 def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: str, partition: int,
@@ -400,19 +414,22 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
     conn = Client(address, authkey=secret)
     conn.send(Message.hello(partition, {"host": socket.gethostname(), "pid": os.getpid(), **devices}))
     units = 0
+    delayed = 0.0  # seconds of a write behind that the message now waiting may have waited for
     try:
         while True:
             try:
                 if runner.behind and not conn.poll(BEHIND_WAIT_S):  # nothing to run: write a whole model behind
-                    _write_behind(runner, conn)
+                    seconds = _write_behind(runner, conn)
+                    if conn.poll(0):  # the next message came during the write: it waited, at most this long
+                        delayed += seconds
                     continue
                 msg = conn.recv()
             except EOFError:  # the driver closed the channel (it stopped, or failed): nothing more will come
                 break
-            if msg.kind == "stop":
-                while runner.behind:  # the driver stops only once none is outstanding; be sure
-                    _write_behind(runner, conn)
+            if msg.kind == "stop":  # sent once every wanted whole model is in place: the rest are not
                 break
+            if msg.kind != "unit":
+                delayed = 0.0  # what waited was not a unit
             if msg.kind == "whole":
                 p = msg.payload
                 runner.behind.append(WholeBehind(p["spec"], p["step"], p["attempt"]))
@@ -421,7 +438,7 @@ def serve(address: tuple[str, int], secret: bytes, workload: Workload, run_url: 
                 runner.drop_behind(**msg.payload)
                 continue
             unit, spec = msg.payload["unit"], msg.payload["spec"]
-            since = time.time()
+            since, delayed = time.time() - delayed, 0.0
             while runner.behind_full():  # no idle moment came: write the oldest now
                 _write_behind(runner, conn)
             try:
