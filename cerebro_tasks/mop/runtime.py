@@ -541,14 +541,15 @@ class MopDriver:
         are in, so that the first to join is not given them all."""
         if len(self._conns) < self.num_workers:
             return
+        load = dict.fromkeys(sorted(self._conns), 0)  # whole checkpoints each worker has been asked for
+        for e in self._behind.values():
+            if e.worker_id in load:
+                load[e.worker_id] += 1
         for (model_id, step), entry in sorted(self._behind.items()):
             if entry.worker_id is not None:
                 continue
-            load = {w: 0 for w in self._conns}
-            for e in self._behind.values():
-                if e.worker_id in load:
-                    load[e.worker_id] += 1
-            worker_id = min(sorted(load), key=load.__getitem__)
+            worker_id = min(load, key=load.__getitem__)
+            load[worker_id] += 1
             entry.worker_id, entry.attempt, entry.since = worker_id, uuid.uuid4().hex[:12], time.time()
             msg = Message.whole(model_id, step, self.specs[model_id], entry.attempt)
             if not _send_quietly(self._conns[worker_id], msg):
@@ -610,7 +611,7 @@ class MopDriver:
         self._check_model(unit.model_id, on_model_done)
         while self._stopped_now:  # other models a decision stopped: their workers are free now
             self._check_model(self._stopped_now.pop(0), on_model_done)
-        early = self._saved_early.pop(attempt, None) if attempt is not None else None
+        early = self._saved_early.pop(attempt, None)
         if early is not None:  # its whole model was written while lockstep held the result
             self._whole_saved(*early, on_model_done)
         self._collect_checkpoints(unit.model_id)
